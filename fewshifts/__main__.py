@@ -1,0 +1,3 @@
+from fewshifts.cli import console
+
+raise SystemExit(console())

@@ -1,0 +1,61 @@
+"""``fewshifts`` command line: ``fewshifts COMMAND [options]``; each command lives with its concern."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+# command -> (module defining ``configure(parser)`` and ``main(args)``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+_TCMALLOC = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
+
+
+def _reexec_with_tcmalloc(argv: list[str]) -> None:
+    """Restart under tcmalloc when it is installed and not loaded (design.md section 4: glibc malloc
+    page-faults every fresh large tensor, costing 1.6-2x in CPU training). FEWSHIFTS_TCMALLOC=0 disables."""
+    if os.environ.get("FEWSHIFTS_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in _TCMALLOC if Path(p).exists()), None)
+    if lib is None:
+        return
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [lib, os.environ.get("LD_PRELOAD", "")])))
+    env["FEWSHIFTS_TCMALLOC"] = "0"  # never loop
+    os.execve(sys.executable, [sys.executable, "-m", "fewshifts", *argv], env)
+
+
+def _usage() -> str:
+    lines = ["usage: fewshifts COMMAND [options]   (fewshifts COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fewshifts: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    import argparse
+
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"fewshifts {name}", description=COMMANDS[name][1])
+    module.configure(parser)
+    return int(module.main(parser.parse_args(rest)) or 0)
+
+
+def console() -> int:
+    """Entry point of the installed ``fewshifts`` script and ``python -m fewshifts``."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in COMMANDS:
+        _reexec_with_tcmalloc(argv)
+    return main(argv)

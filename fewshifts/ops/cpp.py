@@ -1,0 +1,57 @@
+"""Loader of the C++ CPU kernels (``csrc/shift_cpu.cpp``), JIT-compiled once with torch.utils.cpp_extension.
+
+The compiled module exposes the same five functions as :mod:`fewshifts.ops.reference`, with the same
+arguments and results. If it cannot be built (no compiler, no headers), :func:`load` warns once, in one
+line, and returns ``None`` so that callers fall back to the reference kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+_SOURCE = Path(__file__).with_name("csrc") / "shift_cpu.cpp"
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    # JIT-built on the machine that runs it, so tuning for the host CPU is safe (FEWSHIFTS_NATIVE=0 disables).
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("FEWSHIFTS_NATIVE", "1") == "1" else [])
+    return cpp_extension.load(
+        name="fewshifts_shift_cpu",
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=os.environ.get("FEWSHIFTS_VERBOSE_BUILD") == "1",
+    )
+
+
+def load(required: bool = False) -> ModuleType | None:
+    """The compiled kernels, building them on first use; ``None`` (after one warning) if that fails.
+
+    With ``required=True`` a build failure raises ``RuntimeError`` instead.
+    """
+    global _module, _error
+    if _module is None and _error is None:
+        with _lock:
+            if _module is None and _error is None:
+                try:
+                    _module = _build()
+                except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
+                    _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                    if not required:
+                        warnings.warn(
+                            f"fewshifts: C++ shift kernels unavailable ({_error}); using the PyTorch reference path",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+    if _module is None and required:
+        raise RuntimeError(f"fewshifts: FEWSHIFTS_BACKEND=cpp but the C++ kernels could not be built: {_error}")
+    return _module

@@ -1,0 +1,255 @@
+"""The three shift operations of the papers, as differentiable PyTorch custom operators.
+
+Conventions (design.md section 1): ``x`` is (N, C, H, W), any memory format (the output keeps it);
+``shifts`` is (C, 2) holding (dy, dx) per channel: ``shifts[:, 0]`` moves along rows, ``shifts[:, 1]``
+along columns, and a positive dy reads from the row below (content moves up). Outside the image the
+input is zero. ``stride`` (1 or 2) samples the output on the strided grid: output pixel (i, j) reads
+input position (i * stride + dy, j * stride + dx), as in AS-ResNet's stride-2 shift layers.
+
+Real shifts are rounded to the nearest integer with ties to even (``torch.round``: 0.5 -> 0,
+1.5 -> 2, -0.5 -> 0).
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a registered autograd
+formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node per shift.
+Shape and type checks run in the Python wrappers (static under tracing); value checks (finite,
+integral) run inside the ops on real data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fewshifts.ops import reference
+from fewshifts.ops.backend import kernels_for
+
+__all__ = ["shift2d", "active_shift2d", "sparse_shift2d", "round_shifts"]
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_input(x: Tensor, shifts: Tensor, stride: int, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: x should be a torch.Tensor instead of {type(x).__name__}")
+    if not isinstance(shifts, Tensor):
+        raise TypeError(f"{name}: shifts should be a torch.Tensor instead of {type(shifts).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: x should be 4-D (N, C, H, W) instead of {x.dim()}-D with shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x should be a floating point tensor instead of {x.dtype}")
+    if shifts.dim() != 2 or shifts.shape[1] != 2:
+        raise ValueError(f"{name}: shifts should have shape (C, 2) instead of {tuple(shifts.shape)}")
+    if shifts.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"{name}: shifts has {shifts.shape[0]} rows but x has {x.shape[1]} channels; expected one (dy, dx) per channel"
+        )
+    if shifts.device != x.device:
+        raise ValueError(f"{name}: shifts are on {shifts.device} but x is on {x.device}")
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ValueError(f"{name}: stride should be 1 or 2 instead of {stride!r}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name}: x has an empty spatial size {tuple(x.shape[2:])}")
+
+
+def _check_finite(shifts: Tensor, name: str) -> None:
+    if shifts.is_floating_point() and not bool(torch.isfinite(shifts).all()):
+        bad = (~torch.isfinite(shifts)).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name}: shifts must be finite; non-finite values in channel(s) {bad}")
+
+
+def _clamp_to_image(shifts: Tensor, height: int, width: int, stride: int) -> Tensor:
+    """Shifts beyond the image give all-zero channels; clamping keeps the integers small and exact."""
+    limit = shifts.new_tensor([stride * height + 1, stride * width + 1])
+    return torch.maximum(torch.minimum(shifts, limit), -limit)
+
+
+def round_shifts(shifts: Tensor) -> Tensor:
+    """Nearest-integer (ties to even) int64 shifts, as used by SSL's forward pass (Eq. 5)."""
+    if not shifts.is_floating_point():
+        return shifts.long()
+    return torch.round(shifts).long()
+
+
+# ----------------------------------------------------------------------------------------------
+# shift2d: integer shift
+
+
+@torch.library.custom_op("fewshifts::shift2d", mutates_args=())
+def _shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
+    if shifts.is_floating_point():
+        _check_finite(shifts, "shift2d")
+        if not bool((shifts == torch.round(shifts)).all()):
+            raise ValueError(
+                "shift2d: float shifts must hold integral values; use sparse_shift2d (rounds) or "
+                "active_shift2d (bilinear) for real-valued shifts"
+            )
+    s = _clamp_to_image(shifts.long(), x.shape[2], x.shape[3], stride)
+    return kernels_for(x).shift_forward(x, s.cpu(), stride)
+
+
+@torch.library.custom_op("fewshifts::shift2d_backward", mutates_args=())
+def _shift2d_backward(grad: Tensor, shifts: Tensor, stride: int, height: int, width: int) -> Tensor:
+    s = _clamp_to_image(round_shifts(shifts), height, width, stride)
+    return kernels_for(grad).shift_backward(grad.contiguous(memory_format=_format_of(grad)), s.cpu(), stride,
+                                            height, width)
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if reference._is_channels_last(x) else torch.contiguous_format
+
+
+def _empty_output(x: Tensor, height: int, width: int) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], height, width)).contiguous(memory_format=_format_of(x))
+
+
+@_shift2d.register_fake
+def _(x, shifts, stride):
+    return _empty_output(x, reference.output_size(x.shape[2], stride), reference.output_size(x.shape[3], stride))
+
+
+@_shift2d_backward.register_fake
+def _(grad, shifts, stride, height, width):
+    return _empty_output(grad, height, width)
+
+
+def _shift2d_setup(ctx, inputs, output):
+    x, shifts, stride = inputs
+    ctx.save_for_backward(shifts)
+    ctx.stride, ctx.size = stride, x.shape[2:]
+
+
+def _shift2d_grad(ctx, grad):
+    (shifts,) = ctx.saved_tensors
+    return torch.ops.fewshifts.shift2d_backward(grad, shifts, ctx.stride, *ctx.size), None, None
+
+
+_shift2d.register_autograd(_shift2d_grad, setup_context=_shift2d_setup)
+
+
+def shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
+    """Integer per-channel shift (SSL Eq. 1): ``out[n,c,i,j] = x[n,c,i*s+dy_c, j*s+dx_c]``, zero outside.
+
+    ``shifts`` is an integer (C, 2) tensor, or a float one holding integral values. Differentiable
+    with respect to ``x`` (the gradient is the inverse shift, SSL Eq. 7).
+    """
+    _check_input(x, shifts, stride, "shift2d")
+    if not shifts.is_floating_point() and shifts.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                                  torch.uint8):
+        raise TypeError(f"shift2d: shifts should be an integer or float tensor instead of {shifts.dtype}")
+    return torch.ops.fewshifts.shift2d(x, shifts, stride)
+
+
+# ----------------------------------------------------------------------------------------------
+# active_shift2d: bilinear shift (ASL)
+
+
+def _check_real_shifts(shifts: Tensor, name: str) -> None:
+    if not shifts.is_floating_point():
+        raise TypeError(f"{name}: shifts should be a floating point tensor instead of {shifts.dtype}")
+
+
+@torch.library.custom_op("fewshifts::active_shift2d", mutates_args=())
+def _active_shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
+    _check_finite(shifts, "active_shift2d")
+    s = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride)
+    return kernels_for(x).bilinear_forward(x, s.detach().cpu(), stride)
+
+
+@torch.library.custom_op("fewshifts::active_shift2d_backward", mutates_args=())
+def _active_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    kernels = kernels_for(x)
+    s = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride).detach().cpu()
+    grad = grad.contiguous(memory_format=_format_of(x))
+    grad_x = kernels.bilinear_backward_input(grad, s, stride, x.shape[2], x.shape[3])
+    grad_shifts = kernels.bilinear_backward_shifts(grad, x, s, stride)
+    return grad_x, grad_shifts.to(shifts.device)
+
+
+@_active_shift2d.register_fake
+def _(x, shifts, stride):
+    return _empty_output(x, reference.output_size(x.shape[2], stride), reference.output_size(x.shape[3], stride))
+
+
+@_active_shift2d_backward.register_fake
+def _(grad, x, shifts, stride):
+    return _empty_output(x, x.shape[2], x.shape[3]), torch.empty_like(shifts)
+
+
+def _save_x_and_shifts(ctx, inputs, output):
+    x, shifts, stride = inputs
+    ctx.save_for_backward(x, shifts)
+    ctx.stride = stride
+
+
+def _active_shift2d_grad(ctx, grad):
+    x, shifts = ctx.saved_tensors
+    grad_x, grad_shifts = torch.ops.fewshifts.active_shift2d_backward(grad, x, shifts, ctx.stride)
+    return grad_x, grad_shifts, None
+
+
+_active_shift2d.register_autograd(_active_shift2d_grad, setup_context=_save_x_and_shifts)
+
+
+def active_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
+    """Real-valued per-channel shift by bilinear interpolation (ASL Eq. 8-10; SSL Eq. 3), zero outside.
+
+    Differentiable with respect to ``x`` and ``shifts``.
+    """
+    _check_input(x, shifts, stride, "active_shift2d")
+    _check_real_shifts(shifts, "active_shift2d")
+    return torch.ops.fewshifts.active_shift2d(x, shifts, stride)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse_shift2d: quantization-aware shift (SSL)
+
+
+@torch.library.custom_op("fewshifts::sparse_shift2d", mutates_args=())
+def _sparse_shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
+    _check_finite(shifts, "sparse_shift2d")
+    s = _clamp_to_image(round_shifts(shifts), x.shape[2], x.shape[3], stride)
+    return kernels_for(x).shift_forward(x, s.cpu(), stride)
+
+
+@torch.library.custom_op("fewshifts::sparse_shift2d_backward", mutates_args=())
+def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    kernels = kernels_for(x)
+    grad = grad.contiguous(memory_format=_format_of(x))
+    rounded = _clamp_to_image(round_shifts(shifts), x.shape[2], x.shape[3], stride).cpu()
+    grad_x = kernels.shift_backward(grad, rounded, stride, x.shape[2], x.shape[3])
+    real = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride).detach().cpu()
+    grad_shifts = kernels.bilinear_backward_shifts(grad, x, real, stride)
+    return grad_x, grad_shifts.to(shifts.device)
+
+
+@_sparse_shift2d.register_fake
+def _(x, shifts, stride):
+    return _empty_output(x, reference.output_size(x.shape[2], stride), reference.output_size(x.shape[3], stride))
+
+
+@_sparse_shift2d_backward.register_fake
+def _(grad, x, shifts, stride):
+    return _empty_output(x, x.shape[2], x.shape[3]), torch.empty_like(shifts)
+
+
+def _sparse_shift2d_grad(ctx, grad):
+    x, shifts = ctx.saved_tensors
+    grad_x, grad_shifts = torch.ops.fewshifts.sparse_shift2d_backward(grad, x, shifts, ctx.stride)
+    return grad_x, grad_shifts, None
+
+
+_sparse_shift2d.register_autograd(_sparse_shift2d_grad, setup_context=_save_x_and_shifts)
+
+
+def sparse_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
+    """Quantization-aware shift (SSL Eq. 5-7).
+
+    Forward: ``shift2d(x, round(shifts))`` (Eq. 5). Gradient for ``x``: the inverse integer shift
+    (Eq. 7). Gradient for ``shifts``: the bilinear derivative at the real-valued shift (Eq. 6), the
+    same as :func:`active_shift2d`'s shift gradient for the same upstream gradient.
+    """
+    _check_input(x, shifts, stride, "sparse_shift2d")
+    _check_real_shifts(shifts, "sparse_shift2d")
+    return torch.ops.fewshifts.sparse_shift2d(x, shifts, stride)
