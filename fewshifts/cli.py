@@ -7,8 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-# command -> (module defining ``configure(parser)`` and ``main(args)``, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+# command -> (module defining ``configure_<command>(parser)`` and ``run_<command>(args) -> int``, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fewshifts.train.cli", "train a model (default: ShiftResNet-20 with SSL on Fashion-MNIST)"),
+    "eval": ("fewshifts.train.cli", "evaluate a checkpoint or run directory on a test set"),
+    "zoo": ("fewshifts.models.zoo", "params and MAdds of every model against the papers' numbers"),
+    "analyze": ("fewshifts.analysis.cli", "per-layer shift sparsity tables and plots of a checkpoint"),
+    "prune": ("fewshifts.analysis.cli", "remove the k least important shift layers and evaluate"),
+    "export": ("fewshifts.deploy.cli", "deploy a checkpoint and export it to ONNX / torch.export"),
+    "bench": ("fewshifts.deploy.cli", "CPU latency of deployed FE-Net vs depthwise and MobileNetV2"),
+}
 
 _TCMALLOC = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -49,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"fewshifts {name}", description=COMMANDS[name][1])
-    module.configure(parser)
-    return int(module.main(parser.parse_args(rest)) or 0)
+    getattr(module, f"configure_{name}")(parser)
+    return int(getattr(module, f"run_{name}")(parser.parse_args(rest)) or 0)
 
 
 def console() -> int:
