@@ -44,7 +44,7 @@ def load(required: bool = False) -> ModuleType | None:
             if _module is None and _error is None:
                 try:
                     _module = _build()
-                except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
+                except Exception as exc:  # any build failure means: use the fallback
                     _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     if not required:
                         warnings.warn(

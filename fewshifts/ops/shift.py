@@ -43,7 +43,8 @@ def _check_input(x: Tensor, shifts: Tensor, stride: int, name: str) -> None:
         raise ValueError(f"{name}: shifts should have shape (C, 2) instead of {tuple(shifts.shape)}")
     if shifts.shape[0] != x.shape[1]:
         raise ValueError(
-            f"{name}: shifts has {shifts.shape[0]} rows but x has {x.shape[1]} channels; expected one (dy, dx) per channel"
+            f"{name}: shifts has {shifts.shape[0]} rows but x has {x.shape[1]} channels; "
+            "expected one (dy, dx) per channel"
         )
     if shifts.device != x.device:
         raise ValueError(f"{name}: shifts are on {shifts.device} but x is on {x.device}")
