@@ -35,4 +35,6 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
         raise ValueError(f"num_classes should be a non-negative integer instead of {num_classes!r}")
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans should be a positive integer instead of {in_chans!r}")
-    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model.model_spec = {"name": name, "num_classes": num_classes, "in_chans": in_chans, "kwargs": kwargs}
+    return model

@@ -142,3 +142,15 @@ def bilinear_backward_shifts(grad_out: Tensor, x: Tensor, shifts: Tensor, stride
     gy = (g * (z3 - z1)).sum((0, 2, 3)) * (1 - b) + (g * (z4 - z2)).sum((0, 2, 3)) * b
     gx = (g * (z2 - z1)).sum((0, 2, 3)) * (1 - a) + (g * (z4 - z3)).sum((0, 2, 3)) * a
     return torch.stack([gy, gx], dim=1).to(shifts.dtype)
+
+
+def shift_inplace(x: Tensor, shifts: Tensor) -> None:
+    """Integer shift (stride 1) of ``x`` in place, touching only channels whose shift is not (0, 0).
+
+    Inference only: the moved channels go through one temporary (PyTorch refuses overlapping copies).
+    """
+    moved = (shifts != 0).any(dim=1).nonzero().flatten().tolist()
+    if not moved:
+        return
+    c = _channel_index(moved, x.device)
+    x[:, c] = shift_forward(x[:, c], shifts[moved], 1)

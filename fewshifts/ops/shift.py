@@ -142,6 +142,32 @@ def shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
     return torch.ops.fewshifts.shift2d(x, shifts, stride)
 
 
+@torch.library.custom_op("fewshifts::shift2d_", mutates_args=("x",))
+def _shift2d_inplace(x: Tensor, shifts: Tensor) -> None:
+    s = _clamp_to_image(shifts.long(), x.shape[2], x.shape[3], 1)
+    kernels_for(x).shift_inplace(x, s.cpu())
+
+
+@_shift2d_inplace.register_fake
+def _(x, shifts):
+    return None
+
+
+def shift2d_(x: Tensor, shifts: Tensor) -> Tensor:
+    """In-place integer shift (stride 1) for inference: channels shifted by (0, 0) are not touched at all,
+    so a sparse shift costs in proportion to its shifted channels (SSL section 4.3). Returns ``x``.
+
+    Not differentiable: raises if autograd would need ``x``.
+    """
+    _check_input(x, shifts, 1, "shift2d_")
+    if shifts.is_floating_point():
+        raise TypeError("shift2d_: shifts should be an integer tensor (round learned shifts first)")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("shift2d_: in-place shift is for inference; x requires grad (use shift2d, or torch.no_grad())")
+    torch.ops.fewshifts.shift2d_(x, shifts)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # active_shift2d: bilinear shift (ASL)
 
