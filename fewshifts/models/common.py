@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fewshifts.layers import ActiveShift2d, GroupedShift2d, SparseShift2d
@@ -19,6 +20,14 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} should be one of {tuple(choices)} instead of {value!r}")
+
+
+def check_positive(name: str, value, integer: bool = True) -> None:
+    """torchvision-style check that ``value`` is a positive integer (or, with ``integer=False``, number)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} should be {what} instead of {value!r}")
 
 
 def make_spatial(kind: str, channels: int, stride: int = 1, kernel_size: int = 3, connectivity: int = 8) -> nn.Module:
@@ -46,6 +55,79 @@ class ConvBN(nn.Sequential):
         if act_layer is not None:
             layers.append(act_layer(inplace=True))
         super().__init__(*layers)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-Excitation (Hu et al.): GAP - 1x1 conv (C -> C * rd_ratio) - ReLU - 1x1 conv - sigmoid gate."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25, act_layer: type[nn.Module] = nn.ReLU,
+                 gate_layer: type[nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        rd = make_divisible(channels * rd_ratio)
+        self.fc1 = nn.Conv2d(channels, rd, 1)
+        self.act = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(rd, channels, 1)
+        self.gate = gate_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+
+
+SE_PLACES = (None, "v1", "v2")
+
+
+class InvertedResidual(nn.Module):
+    """Inverted bottleneck (MobileNetV2; SSL Fig. 4 "IB"), the unit of MobileNetV2 and FE-Net.
+
+    1x1 conv (in -> in * t) - BN - act - spatial - 1x1 conv (-> out) - BN (linear bottleneck), + input
+    when in == out and stride 1. ``spatial``: ``'dw'`` a 3x3 depthwise conv - BN - act (MobileNetV2),
+    ``'pool'`` a 2x2 average pool with the stride (SSL Fig. 4c "IB-Pool"), or a :func:`make_spatial` kind
+    (``'sparse'`` is SSL's IB-SSL). ``se``: ``'v1'`` SE on the unit output, ``'v2'`` SE in the expanded
+    part after the spatial op (SSL Fig. 7). With ``expansion=1`` there is no expanding conv (MobileNetV2).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expansion: float = 6, spatial: str = "dw",
+                 se: str | None = None, se_ratio: float = 0.25, act_layer: type[nn.Module] = nn.ReLU,
+                 norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        check_choice("se", se, SE_PLACES)
+        if stride not in (1, 2):
+            raise ValueError(f"stride should be 1 or 2 instead of {stride!r}")
+        mid = round(cin * expansion)
+        conv_bn = dict(act_layer=act_layer, norm_layer=norm_layer)
+        self.expand = ConvBN(cin, mid, 1, **conv_bn) if expansion != 1 else nn.Identity()
+        if spatial == "dw":
+            self.spatial = ConvBN(mid, mid, 3, stride, groups=mid, **conv_bn)
+        elif spatial == "pool":
+            if stride != 2:
+                raise ValueError(f"an IB-Pool unit downsamples: stride should be 2 instead of {stride!r}")
+            self.spatial = nn.AvgPool2d(2, 2, ceil_mode=True)
+        else:
+            self.spatial = make_spatial(spatial, mid, stride)
+        self.se = SqueezeExcite(mid, se_ratio) if se == "v2" else nn.Identity()
+        self.project = ConvBN(mid, cout, 1, norm_layer=norm_layer)
+        self.se_out = SqueezeExcite(cout, se_ratio) if se == "v1" else nn.Identity()
+        self.has_residual = cin == cout and stride == 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.se_out(self.project(self.se(self.spatial(self.expand(x)))))
+        return x + y if self.has_residual else y
+
+
+def init_weights(model: nn.Module) -> None:
+    """He init for convolutions, N(0, 0.01) for linear layers, BN to identity, biases to zero."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 class Classifier(nn.Module):
@@ -81,6 +163,22 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+@torch.no_grad()
+def count_params_madds(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, float]:
+    """(parameters, multiply-adds) of ``model`` on one input of ``input_size``; MAdds = FLOPs / 2 measured by
+    ``torch.utils.flop_counter.FlopCounterMode`` (shift layers are custom ops and count zero, as in the papers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_size))
+    finally:
+        model.train(was_training)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2
 
 
 def cfg(input_size=(3, 224, 224), paper: str = "", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),

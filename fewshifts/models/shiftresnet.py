@@ -84,7 +84,7 @@ class CifarResNet(Classifier):
 
 def _cifar_cfg(**paper) -> dict:
     return cfg((3, 32, 32), "Wu et al. 2018 (ShiftNet); Chen et al. 2019 (SSL) Tab. 1", CIFAR_MEAN, CIFAR_STD,
-               num_classes=10, **paper)
+               num_classes=10, **(dict(paper, paper_table="SSL Tab. 1") if paper else {}))
 
 
 def _resnet(depth: int, paper: dict, **kwargs) -> CifarResNet:
