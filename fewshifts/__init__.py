@@ -3,9 +3,24 @@
 The public API is listed in design.md section 1.
 """
 
-from fewshifts import layers, ops
+from fewshifts import layers, models, ops
+from fewshifts.models import convert, create_model, list_models, load_model, register_model, save_model
 from fewshifts.ops import active_shift2d, grouped_shifts, shift2d, sparse_shift2d
 
 __version__ = "0.1.0"
 
-__all__ = ["shift2d", "active_shift2d", "sparse_shift2d", "grouped_shifts", "layers", "ops"]
+__all__ = [
+    "active_shift2d",
+    "convert",
+    "create_model",
+    "grouped_shifts",
+    "layers",
+    "list_models",
+    "load_model",
+    "models",
+    "ops",
+    "register_model",
+    "save_model",
+    "shift2d",
+    "sparse_shift2d",
+]
