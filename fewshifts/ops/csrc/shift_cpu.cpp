@@ -1,0 +1,801 @@
+// Single-pass CPU kernels for the shift operators (fewshifts/ops/reference.py holds the semantics they match).
+//
+// Integer shift (SSL Eq. 1/5):  out[n,c,i,j] = x[n,c,i*s+dy_c, j*s+dx_c], zero outside; its gradient is the
+// adjoint movement (SSL Eq. 7). Integer shifts only move bits, so those kernels are dispatched on the element
+// size. Bilinear shift (ASL Eq. 8-10): the four integer shifts around floor(shift) weighted by the fractional
+// parts (a, b); its gradient for the shifts is ASL Eq. 8 differentiated (SSL Eq. 6).
+//
+// Layouts: the input is made contiguous in its own memory format (channels_last when it is channels_last and
+// not also contiguous, else NCHW); the output has the same format. NCHW kernels work plane by plane, row by
+// row (memcpy / vectorisable loops); channels_last kernels work pixel by pixel over runs of channels that share
+// a displacement (integer) or over channels with per-channel offsets (bilinear).
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+int64_t floordiv(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+int64_t output_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
+
+bool is_channels_last(const Tensor& x) {
+  return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+Tensor new_output(const Tensor& like, int64_t h, int64_t w, bool channels_last) {
+  return at::empty({like.size(0), like.size(1), h, w}, like.options().memory_format(format_of(channels_last)));
+}
+
+// Parallel loop over [0, n) items of about `cost` elements each; small problems stay on one thread.
+template <typename F>
+void parallel(int64_t n, int64_t cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, cost));
+  at::parallel_for(0, n, grain, f);
+}
+
+void check_args(const Tensor& x, const Tensor& shifts, int64_t stride, const char* name) {
+  TORCH_CHECK(x.dim() == 4, name, ": x should be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), name, ": x should be a CPU tensor");
+  TORCH_CHECK(shifts.dim() == 2 && shifts.size(0) == x.size(1) && shifts.size(1) == 2, name,
+              ": shifts should have shape (C, 2) = (", x.size(1), ", 2), got ", shifts.sizes());
+  TORCH_CHECK(stride == 1 || stride == 2, name, ": stride should be 1 or 2, got ", stride);
+}
+
+template <typename T>
+void copy_n(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  if (n >= 64) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+  }
+}
+
+template <typename T>
+void zero_n(T* dst, int64_t n) {
+  std::memset(dst, 0, n * sizeof(T));  // all-zero bits are 0.0 in every floating type
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Integer movement along one axis: output positions o0 + k*ostep read source positions s0 + k*sstep,
+// k in [0, count); every other output position is zero.
+
+struct Seg {
+  int64_t o0, ostep, s0, sstep, count;
+
+  int64_t source(int64_t o) const {  // source index of output position o, or -1
+    int64_t t = o - o0;
+    if (t < 0 || t % ostep != 0) return -1;
+    t /= ostep;
+    return t < count ? s0 + t * sstep : -1;
+  }
+  bool operator==(const Seg& o) const {
+    return o0 == o.o0 && ostep == o.ostep && s0 == o.s0 && sstep == o.sstep && count == o.count;
+  }
+};
+
+// Forward: output i (of n_out) reads source i*stride + d (of n_in).
+Seg forward_seg(int64_t d, int64_t n_in, int64_t n_out, int64_t stride) {
+  const int64_t lo = std::max<int64_t>(0, -floordiv(d, stride));
+  const int64_t hi = n_in - 1 - d >= 0 ? std::min(n_out, floordiv(n_in - 1 - d, stride) + 1) : 0;
+  return {lo, 1, lo * stride + d, stride, std::max<int64_t>(0, hi - lo)};
+}
+
+// Adjoint of forward_seg: full-size output position i*stride + d reads the small source at i.
+Seg adjoint_seg(int64_t d, int64_t n_full, int64_t n_small, int64_t stride) {
+  const Seg f = forward_seg(d, n_full, n_small, stride);
+  return {f.s0, f.sstep, f.o0, f.ostep, f.count};
+}
+
+template <typename T>
+void move_row(T* dst, int64_t n_dst, const T* src, const Seg& s) {
+  if (src == nullptr || s.count == 0) {
+    zero_n(dst, n_dst);
+    return;
+  }
+  if (s.ostep == 1) {
+    zero_n(dst, s.o0);
+    if (s.sstep == 1) {
+      std::memcpy(dst + s.o0, src + s.s0, s.count * sizeof(T));
+    } else {
+      T* d = dst + s.o0;
+      const T* p = src + s.s0;
+      for (int64_t k = 0; k < s.count; ++k) d[k] = p[k * s.sstep];
+    }
+    zero_n(dst + s.o0 + s.count, n_dst - s.o0 - s.count);
+  } else {
+    zero_n(dst, n_dst);
+    for (int64_t k = 0; k < s.count; ++k) dst[s.o0 + k * s.ostep] = src[s.s0 + k * s.sstep];
+  }
+}
+
+struct Move {  // per channel row/column segments between a source (Hs, Ws) and a destination (Hd, Wd)
+  int64_t N, C, Hs, Ws, Hd, Wd;
+  std::vector<Seg> rows, cols;
+};
+
+template <typename T>
+void move_nchw(const T* src, T* dst, const Move& m) {
+  parallel(m.N * m.C, m.Hd * m.Wd, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % m.C;
+      const T* sp = src + p * m.Hs * m.Ws;
+      T* dp = dst + p * m.Hd * m.Wd;
+      for (int64_t y = 0; y < m.Hd; ++y) {
+        const int64_t r = m.rows[c].source(y);
+        move_row(dp + y * m.Wd, m.Wd, r >= 0 ? sp + r * m.Ws : nullptr, m.cols[c]);
+      }
+    }
+  });
+}
+
+struct Run {  // channels [c0, c0 + len) share one displacement
+  int64_t c0, len;
+};
+
+std::vector<Run> runs_of(const Move& m) {
+  std::vector<Run> runs;
+  for (int64_t c = 0; c < m.C; ++c) {
+    if (!runs.empty() && m.rows[c] == m.rows[c - 1] && m.cols[c] == m.cols[c - 1]) {
+      ++runs.back().len;
+    } else {
+      runs.push_back({c, 1});
+    }
+  }
+  return runs;
+}
+
+template <typename T>
+void move_nhwc(const T* src, T* dst, const Move& m) {
+  const std::vector<Run> runs = runs_of(m);
+  const int64_t R = static_cast<int64_t>(runs.size()), C = m.C;
+  std::vector<int64_t> col_src(R * m.Wd);  // source column of each (run, output column), -1 for zero
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t x = 0; x < m.Wd; ++x) col_src[r * m.Wd + x] = m.cols[runs[r].c0].source(x);
+  parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> row_src(R);
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / m.Hd, y = q % m.Hd;
+      for (int64_t r = 0; r < R; ++r) row_src[r] = m.rows[runs[r].c0].source(y);
+      T* dp = dst + q * m.Wd * C;
+      const T* sp = src + n * m.Hs * m.Ws * C;
+      for (int64_t x = 0; x < m.Wd; ++x, dp += C) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t sr = row_src[r], sc = col_src[r * m.Wd + x];
+          if (sr >= 0 && sc >= 0) {
+            copy_n(dp + runs[r].c0, sp + (sr * m.Ws + sc) * C + runs[r].c0, runs[r].len);
+          } else {
+            zero_n(dp + runs[r].c0, runs[r].len);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_by_size(const Tensor& x, const F& f) {
+  switch (x.element_size()) {
+    case 2: f(uint16_t{}); break;
+    case 4: f(uint32_t{}); break;
+    case 8: f(uint64_t{}); break;
+    default: TORCH_CHECK(false, "fewshifts: unsupported dtype ", x.scalar_type());
+  }
+}
+
+void run_move(const Tensor& src, Tensor& dst, const Move& m, bool channels_last) {
+  if (src.numel() == 0 || dst.numel() == 0) return;
+  dispatch_by_size(src, [&](auto tag) {
+    using T = decltype(tag);
+    const T* s = static_cast<const T*>(src.const_data_ptr());
+    T* d = static_cast<T*>(dst.data_ptr());
+    channels_last ? move_nhwc(s, d, m) : move_nchw(s, d, m);
+  });
+}
+
+const int64_t* int_shifts(const Tensor& shifts, Tensor& holder) {
+  holder = shifts.to(at::kLong).contiguous();
+  return holder.const_data_ptr<int64_t>();
+}
+
+Tensor shift_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride) {
+  check_args(x_in, shifts, stride, "shift_forward");
+  const bool cl = is_channels_last(x_in);
+  const Tensor x = x_in.contiguous(format_of(cl));
+  const int64_t H = x.size(2), W = x.size(3), Ho = output_size(H, stride), Wo = output_size(W, stride);
+  Tensor out = new_output(x, Ho, Wo, cl);
+  Tensor holder;
+  const int64_t* s = int_shifts(shifts, holder);
+  Move m{x.size(0), x.size(1), H, W, Ho, Wo, {}, {}};
+  for (int64_t c = 0; c < m.C; ++c) {
+    m.rows.push_back(forward_seg(s[2 * c], H, Ho, stride));
+    m.cols.push_back(forward_seg(s[2 * c + 1], W, Wo, stride));
+  }
+  run_move(x, out, m, cl);
+  return out;
+}
+
+Tensor shift_backward(const Tensor& g_in, const Tensor& shifts, int64_t stride, int64_t height, int64_t width) {
+  check_args(g_in, shifts, stride, "shift_backward");
+  const bool cl = is_channels_last(g_in);
+  const Tensor g = g_in.contiguous(format_of(cl));
+  const int64_t Ho = g.size(2), Wo = g.size(3);
+  Tensor grad_x = new_output(g, height, width, cl);
+  Tensor holder;
+  const int64_t* s = int_shifts(shifts, holder);
+  Move m{g.size(0), g.size(1), Ho, Wo, height, width, {}, {}};
+  for (int64_t c = 0; c < m.C; ++c) {
+    m.rows.push_back(adjoint_seg(s[2 * c], height, Ho, stride));
+    m.cols.push_back(adjoint_seg(s[2 * c + 1], width, Wo, stride));
+  }
+  run_move(g, grad_x, m, cl);
+  return grad_x;
+}
+
+// In-place stride-1 shift of one NCHW plane: rows are visited so that a source row is read before it is written.
+template <typename T>
+void shift_plane_inplace(T* p, int64_t H, int64_t W, int64_t dy, int64_t dx) {
+  const Seg cols = forward_seg(dx, W, W, 1);
+  for (int64_t k = 0; k < H; ++k) {
+    const int64_t y = dy >= 0 ? k : H - 1 - k;
+    const int64_t r = y + dy;
+    T* row = p + y * W;
+    if (r < 0 || r >= H || cols.count == 0) {
+      zero_n(row, W);
+      continue;
+    }
+    std::memmove(row + cols.o0, p + r * W + cols.s0, cols.count * sizeof(T));
+    zero_n(row, cols.o0);
+    zero_n(row + cols.o0 + cols.count, W - cols.o0 - cols.count);
+  }
+}
+
+template <typename T>
+void shift_inplace_nchw(T* x, int64_t N, int64_t C, int64_t H, int64_t W, const std::vector<int64_t>& moved,
+                        const int64_t* s) {
+  const int64_t M = static_cast<int64_t>(moved.size());
+  parallel(N * M, H * W, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / M, c = moved[q % M];
+      shift_plane_inplace(x + (n * C + c) * H * W, H, W, s[2 * c], s[2 * c + 1]);
+    }
+  });
+}
+
+// channels_last: the shifted channels go through one temporary (N, H, W, M), then are written back shifted.
+template <typename T>
+void shift_inplace_nhwc(T* x, int64_t N, int64_t C, int64_t H, int64_t W, const std::vector<int64_t>& moved,
+                        const int64_t* s) {
+  const int64_t M = static_cast<int64_t>(moved.size());
+  struct MovedRun {
+    int64_t c0, m0, len;
+    Seg rows, cols;
+  };
+  std::vector<MovedRun> runs;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t c = moved[m];
+    const bool same = !runs.empty() && runs.back().c0 + runs.back().len == c && s[2 * c] == s[2 * (c - 1)] &&
+                      s[2 * c + 1] == s[2 * (c - 1) + 1];
+    if (same) {
+      ++runs.back().len;
+    } else {
+      runs.push_back({c, m, 1, forward_seg(s[2 * c], H, H, 1), forward_seg(s[2 * c + 1], W, W, 1)});
+    }
+  }
+  std::vector<T> tmp(N * H * W * M);
+  parallel(N * H, W * M, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q)
+      for (int64_t x_ = 0; x_ < W; ++x_)
+        for (const MovedRun& r : runs) copy_n(&tmp[(q * W + x_) * M + r.m0], x + (q * W + x_) * C + r.c0, r.len);
+  });
+  parallel(N * H, W * M, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / H, y = q % H;
+      for (int64_t x_ = 0; x_ < W; ++x_) {
+        T* d = x + (q * W + x_) * C;
+        for (const MovedRun& r : runs) {
+          const int64_t sr = r.rows.source(y), sc = r.cols.source(x_);
+          if (sr >= 0 && sc >= 0) {
+            copy_n(d + r.c0, &tmp[(((n * H) + sr) * W + sc) * M + r.m0], r.len);
+          } else {
+            zero_n(d + r.c0, r.len);
+          }
+        }
+      }
+    }
+  });
+}
+
+void shift_inplace(Tensor& x, const Tensor& shifts) {
+  check_args(x, shifts, 1, "shift_inplace");
+  Tensor holder;
+  const int64_t* s = int_shifts(shifts, holder);
+  std::vector<int64_t> moved;
+  for (int64_t c = 0; c < x.size(1); ++c)
+    if (s[2 * c] != 0 || s[2 * c + 1] != 0) moved.push_back(c);
+  if (moved.empty() || x.numel() == 0) return;
+  const bool cl = is_channels_last(x);
+  if (!x.is_contiguous(format_of(cl))) {  // a strided view: shift a contiguous copy, write back the moved channels
+    Tensor y = x.contiguous();
+    shift_inplace(y, shifts);
+    Tensor idx = at::tensor(moved, at::kLong);
+    x.index_copy_(1, idx, y.index_select(1, idx));
+    return;
+  }
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  dispatch_by_size(x, [&](auto tag) {
+    using T = decltype(tag);
+    T* p = static_cast<T*>(x.data_ptr());
+    cl ? shift_inplace_nhwc(p, N, C, H, W, moved, s) : shift_inplace_nchw(p, N, C, H, W, moved, s);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Bilinear shift (ASL Eq. 8-10). Channel c samples at (i*s + fy + a, j*s + fx + b), fy = floor(dy), a = dy - fy;
+// corners Z1..Z4 = (fy, fx), (fy, fx+1), (fy+1, fx), (fy+1, fx+1) with weights (1-a)(1-b), (1-a)b, a(1-b), ab.
+
+template <typename A>
+struct Bilinear {
+  std::vector<int64_t> fy, fx;
+  std::vector<A> a, b, w00, w01, w10, w11;
+  int64_t fy_min = 0, fy_max = 0, fx_min = 0, fx_max = 0;
+
+  explicit Bilinear(const Tensor& shifts) {
+    const Tensor s = shifts.to(at::kDouble).contiguous();
+    const double* p = s.const_data_ptr<double>();
+    const int64_t C = shifts.size(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const double y = std::floor(p[2 * c]), x = std::floor(p[2 * c + 1]);
+      const double ay = p[2 * c] - y, bx = p[2 * c + 1] - x;
+      fy.push_back(static_cast<int64_t>(y));
+      fx.push_back(static_cast<int64_t>(x));
+      a.push_back(static_cast<A>(ay));
+      b.push_back(static_cast<A>(bx));
+      w00.push_back(static_cast<A>((1 - ay) * (1 - bx)));
+      w01.push_back(static_cast<A>((1 - ay) * bx));
+      w10.push_back(static_cast<A>(ay * (1 - bx)));
+      w11.push_back(static_cast<A>(ay * bx));
+    }
+    if (C > 0) {
+      fy_min = *std::min_element(fy.begin(), fy.end());
+      fy_max = *std::max_element(fy.begin(), fy.end());
+      fx_min = *std::min_element(fx.begin(), fx.end());
+      fx_max = *std::max_element(fx.begin(), fx.end());
+    }
+  }
+};
+
+// One channel of an image, p[r * rs + c * cs] for (r, c) in [0, h) x [0, w), zero outside.
+template <typename T, typename A>
+struct View {
+  const T* p;
+  int64_t h, w, rs, cs;
+  A at(int64_t r, int64_t c) const {
+    return (r >= 0 && r < h && c >= 0 && c < w) ? static_cast<A>(p[r * rs + c * cs]) : A(0);
+  }
+};
+
+// Forward value at output (i, j) for channel c.
+template <int S, typename T, typename A>
+A forward_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t i, int64_t j) {
+  const int64_t r = i * S + q.fy[c], k = j * S + q.fx[c];
+  return q.w00[c] * v.at(r, k) + q.w01[c] * v.at(r, k + 1) + q.w10[c] * v.at(r + 1, k) + q.w11[c] * v.at(r + 1, k + 1);
+}
+
+// Adjoint (input gradient) value at input (y, x) for channel c, from the output gradient view v.
+template <int S, typename T, typename A>
+A adjoint_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t y, int64_t x) {
+  const A w[2][2] = {{q.w00[c], q.w01[c]}, {q.w10[c], q.w11[c]}};
+  A sum(0);
+  for (int oy = 0; oy < 2; ++oy) {
+    const int64_t t = y - q.fy[c] - oy;
+    if (t < 0 || t % S != 0) continue;
+    for (int ox = 0; ox < 2; ++ox) {
+      const int64_t u = x - q.fx[c] - ox;
+      if (u < 0 || u % S != 0) continue;
+      sum += w[oy][ox] * v.at(t / S, u / S);
+    }
+  }
+  return sum;
+}
+
+// Shift-gradient terms at output (i, j): g * d out / d dy and g * d out / d dx (ASL Eq. 8 differentiated).
+template <int S, typename T, typename A>
+void shift_grad_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t i, int64_t j, A g, A& sy, A& sx) {
+  const int64_t r = i * S + q.fy[c], k = j * S + q.fx[c];
+  const A z1 = v.at(r, k), z2 = v.at(r, k + 1), z3 = v.at(r + 1, k), z4 = v.at(r + 1, k + 1);
+  const A a = q.a[c], b = q.b[c];
+  sy += g * ((1 - b) * (z3 - z1) + b * (z4 - z2));
+  sx += g * ((1 - a) * (z2 - z1) + a * (z4 - z3));
+}
+
+// [lo, hi) of the outputs j whose two source columns j*S + f and j*S + f + 1 both lie in [0, n).
+std::pair<int64_t, int64_t> interior(int64_t f, int64_t n, int64_t n_out, int64_t S) {
+  const int64_t lo = std::min(n_out, std::max<int64_t>(0, -floordiv(f, S)));
+  const int64_t hi = n - 2 - f >= 0 ? std::min(n_out, floordiv(n - 2 - f, S) + 1) : 0;
+  return {lo, std::max(lo, hi)};
+}
+
+template <int S, typename T, typename A>
+void bilinear_forward_plane(const T* x, T* out, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
+                            int64_t c, const T* zeros) {
+  const View<T, A> v{x, H, W, W, 1};
+  const int64_t fy = q.fy[c], fx = q.fx[c];
+  const A w00 = q.w00[c], w01 = q.w01[c], w10 = q.w10[c], w11 = q.w11[c];
+  const auto [lo, hi] = interior(fx, W, Wo, S);
+  for (int64_t i = 0; i < Ho; ++i) {
+    const int64_t r = i * S + fy;
+    const T* p0 = (r >= 0 && r < H) ? x + r * W : zeros;
+    const T* p1 = (r + 1 >= 0 && r + 1 < H) ? x + (r + 1) * W : zeros;
+    T* o = out + i * Wo;
+    for (int64_t j = 0; j < lo; ++j) o[j] = static_cast<T>(forward_at<S>(v, q, c, i, j));
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t k = j * S + fx;
+      o[j] = static_cast<T>(w00 * static_cast<A>(p0[k]) + w01 * static_cast<A>(p0[k + 1]) +
+                            w10 * static_cast<A>(p1[k]) + w11 * static_cast<A>(p1[k + 1]));
+    }
+    for (int64_t j = hi; j < Wo; ++j) o[j] = static_cast<T>(forward_at<S>(v, q, c, i, j));
+  }
+}
+
+template <int S, typename T, typename A>
+void bilinear_adjoint_plane(const T* g, T* gx, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
+                            int64_t c, const T* zeros) {
+  const View<T, A> v{g, Ho, Wo, Wo, 1};
+  if (S != 1) {
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t x = 0; x < W; ++x) gx[y * W + x] = static_cast<T>(adjoint_at<S>(v, q, c, y, x));
+    return;
+  }
+  const int64_t fy = q.fy[c], fx = q.fx[c];
+  const A w00 = q.w00[c], w01 = q.w01[c], w10 = q.w10[c], w11 = q.w11[c];
+  // gx[y, x] = w00 g[y-fy, x-fx] + w01 g[y-fy, x-fx-1] + w10 g[y-fy-1, x-fx] + w11 g[y-fy-1, x-fx-1]
+  const int64_t lo = std::min(W, std::max<int64_t>(0, fx + 1)), hi = std::max(lo, std::min(W, Wo + fx));
+  for (int64_t y = 0; y < H; ++y) {
+    const int64_t r = y - fy;
+    const T* p0 = (r >= 0 && r < Ho) ? g + r * Wo : zeros;
+    const T* p1 = (r - 1 >= 0 && r - 1 < Ho) ? g + (r - 1) * Wo : zeros;
+    T* o = gx + y * W;
+    for (int64_t x = 0; x < lo; ++x) o[x] = static_cast<T>(adjoint_at<S>(v, q, c, y, x));
+#pragma omp simd
+    for (int64_t x = lo; x < hi; ++x) {
+      const int64_t k = x - fx;
+      o[x] = static_cast<T>(w00 * static_cast<A>(p0[k]) + w01 * static_cast<A>(p0[k - 1]) +
+                            w10 * static_cast<A>(p1[k]) + w11 * static_cast<A>(p1[k - 1]));
+    }
+    for (int64_t x = hi; x < W; ++x) o[x] = static_cast<T>(adjoint_at<S>(v, q, c, y, x));
+  }
+}
+
+// Adds this plane's shift-gradient (sum over the output pixels) to sy, sx.
+template <int S, typename T, typename A>
+void shift_grad_plane(const T* g, const T* x, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
+                      int64_t c, const T* zeros, double& sy, double& sx) {
+  const View<T, A> v{x, H, W, W, 1};
+  const int64_t fy = q.fy[c], fx = q.fx[c];
+  const A a = q.a[c], b = q.b[c];
+  const auto [lo, hi] = interior(fx, W, Wo, S);
+  for (int64_t i = 0; i < Ho; ++i) {
+    const int64_t r = i * S + fy;
+    const T* p0 = (r >= 0 && r < H) ? x + r * W : zeros;
+    const T* p1 = (r + 1 >= 0 && r + 1 < H) ? x + (r + 1) * W : zeros;
+    const T* gr = g + i * Wo;
+    A ry(0), rx(0);
+    for (int64_t j = 0; j < lo; ++j) shift_grad_at<S>(v, q, c, i, j, static_cast<A>(gr[j]), ry, rx);
+    for (int64_t j = hi; j < Wo; ++j) shift_grad_at<S>(v, q, c, i, j, static_cast<A>(gr[j]), ry, rx);
+    A d13(0), d24(0), d12(0), d34(0);
+#pragma omp simd reduction(+ : d13, d24, d12, d34)
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t k = j * S + fx;
+      const A gv = static_cast<A>(gr[j]);
+      const A z1 = static_cast<A>(p0[k]), z2 = static_cast<A>(p0[k + 1]);
+      const A z3 = static_cast<A>(p1[k]), z4 = static_cast<A>(p1[k + 1]);
+      d13 += gv * (z3 - z1);
+      d24 += gv * (z4 - z2);
+      d12 += gv * (z2 - z1);
+      d34 += gv * (z4 - z3);
+    }
+    sy += static_cast<double>(ry + (1 - b) * d13 + b * d24);
+    sx += static_cast<double>(rx + (1 - a) * d12 + a * d34);
+  }
+}
+
+// channels_last: per output pixel, each channel reads its own four corners. Pixels whose corners lie inside
+// the image for every channel use precomputed offsets; the others go through the checked View.
+template <typename A>
+struct Offsets {  // element offsets of corner (0, 0) relative to the anchor pixel, per channel
+  std::vector<int64_t> o;
+  Offsets(const Bilinear<A>& q, int64_t row_stride, int64_t C, int64_t sign) {
+    for (int64_t c = 0; c < C; ++c) o.push_back(sign * (q.fy[c] * row_stride + q.fx[c] * C) + c);
+  }
+};
+
+template <int S, typename T, typename A>
+void bilinear_forward_nhwc(const T* x, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                           const Bilinear<A>& q) {
+  const Offsets<A> off(q, W * C, C, 1);
+  const auto [jlo, jhi] = interior(0, W, Wo, S);  // anchor columns; shifted below by the channel extremes
+  (void)jlo;
+  (void)jhi;
+  parallel(N * Ho, Wo * C, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / Ho, i = p % Ho;
+      const T* xn = x + n * H * W * C;
+      const bool row_in = i * S + q.fy_min >= 0 && i * S + q.fy_max + 1 <= H - 1;
+      for (int64_t j = 0; j < Wo; ++j) {
+        T* o = out + (p * Wo + j) * C;
+        if (row_in && j * S + q.fx_min >= 0 && j * S + q.fx_max + 1 <= W - 1) {
+          const T* base = xn + (i * S * W + j * S) * C;
+          const int64_t* oo = off.o.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T* z = base + oo[c];
+            o[c] = static_cast<T>(q.w00[c] * static_cast<A>(z[0]) + q.w01[c] * static_cast<A>(z[C]) +
+                                  q.w10[c] * static_cast<A>(z[W * C]) + q.w11[c] * static_cast<A>(z[W * C + C]));
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c)
+            o[c] = static_cast<T>(forward_at<S>(View<T, A>{xn + c, H, W, W * C, C}, q, c, i, j));
+        }
+      }
+    }
+  });
+}
+
+template <int S, typename T, typename A>
+void bilinear_adjoint_nhwc(const T* g, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                           const Bilinear<A>& q) {
+  const Offsets<A> off(q, Wo * C, C, -1);
+  parallel(N * H, W * C, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / H, y = p % H;
+      const T* gn = g + n * Ho * Wo * C;
+      const bool row_in = S == 1 && y - q.fy_max - 1 >= 0 && y - q.fy_min <= Ho - 1;
+      for (int64_t x = 0; x < W; ++x) {
+        T* o = gx + (p * W + x) * C;
+        if (row_in && x - q.fx_max - 1 >= 0 && x - q.fx_min <= Wo - 1) {
+          const T* base = gn + (y * Wo + x) * C;
+          const int64_t* oo = off.o.data();
+          const int64_t R = Wo * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T* z = base + oo[c];
+            o[c] = static_cast<T>(q.w00[c] * static_cast<A>(z[0]) + q.w01[c] * static_cast<A>(z[-C]) +
+                                  q.w10[c] * static_cast<A>(z[-R]) + q.w11[c] * static_cast<A>(z[-R - C]));
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c)
+            o[c] = static_cast<T>(adjoint_at<S>(View<T, A>{gn + c, Ho, Wo, Wo * C, C}, q, c, y, x));
+        }
+      }
+    }
+  });
+}
+
+// Shift gradient, channels_last: rows are split into fixed chunks, each with its own accumulators (deterministic).
+template <int S, typename T, typename A>
+void shift_grad_nhwc(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                     const Bilinear<A>& q, double* out) {
+  const Offsets<A> off(q, W * C, C, 1);
+  const int64_t rows = N * Ho;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  std::vector<double> acc(chunks * 2 * C, 0.0);
+  parallel(chunks, rows * Wo * C / chunks, [&](int64_t cbegin, int64_t cend) {
+    std::vector<A> ry(C), rx(C);
+    for (int64_t ch = cbegin; ch < cend; ++ch) {
+      double* sy = &acc[ch * 2 * C];
+      double* sx = sy + C;
+      for (int64_t p = rows * ch / chunks; p < rows * (ch + 1) / chunks; ++p) {
+        const int64_t n = p / Ho, i = p % Ho;
+        const T* xn = x + n * H * W * C;
+        std::fill(ry.begin(), ry.end(), A(0));
+        std::fill(rx.begin(), rx.end(), A(0));
+        const bool row_in = i * S + q.fy_min >= 0 && i * S + q.fy_max + 1 <= H - 1;
+        for (int64_t j = 0; j < Wo; ++j) {
+          const T* gp = g + (p * Wo + j) * C;
+          if (row_in && j * S + q.fx_min >= 0 && j * S + q.fx_max + 1 <= W - 1) {
+            const T* base = xn + (i * S * W + j * S) * C;
+            const int64_t* oo = off.o.data();
+            A* __restrict__ py = ry.data();
+            A* __restrict__ px = rx.data();
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const T* z = base + oo[c];
+              const A z1 = static_cast<A>(z[0]), z2 = static_cast<A>(z[C]);
+              const A z3 = static_cast<A>(z[W * C]), z4 = static_cast<A>(z[W * C + C]);
+              const A gv = static_cast<A>(gp[c]), a = q.a[c], b = q.b[c];
+              py[c] += gv * ((1 - b) * (z3 - z1) + b * (z4 - z2));
+              px[c] += gv * ((1 - a) * (z2 - z1) + a * (z4 - z3));
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c)
+              shift_grad_at<S>(View<T, A>{xn + c, H, W, W * C, C}, q, c, i, j, static_cast<A>(gp[c]), ry[c], rx[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          sy[c] += static_cast<double>(ry[c]);
+          sx[c] += static_cast<double>(rx[c]);
+        }
+      }
+    }
+  });
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t c = 0; c < C; ++c) {
+      out[2 * c] += acc[ch * 2 * C + c];
+      out[2 * c + 1] += acc[ch * 2 * C + C + c];
+    }
+}
+
+// Rounds a double result to the accumulation type of the reference (float32 unless x is float64).
+template <typename A>
+Tensor finish_shift_grad(const Tensor& acc, const Tensor& shifts) {
+  return acc.to(c10::CppTypeToScalarType<A>::value).to(shifts.scalar_type());
+}
+
+template <typename F>
+void with_stride(int64_t stride, const F& f) {
+  if (stride == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    f(std::integral_constant<int, 2>{});
+  }
+}
+
+Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride) {
+  check_args(x_in, shifts, stride, "bilinear_forward");
+  const bool cl = is_channels_last(x_in);
+  const Tensor x = x_in.contiguous(format_of(cl));
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
+  Tensor out = new_output(x, Ho, Wo, cl);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bilinear_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const Bilinear<A> q(shifts);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    with_stride(stride, [&](auto s) {
+      constexpr int S = decltype(s)::value;
+      if (cl) {
+        bilinear_forward_nhwc<S>(xp, op, N, C, H, W, Ho, Wo, q);
+        return;
+      }
+      const std::vector<scalar_t> zeros(W, scalar_t(0));
+      parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p)
+          bilinear_forward_plane<S>(xp + p * H * W, op + p * Ho * Wo, H, W, Ho, Wo, q, p % C, zeros.data());
+      });
+    });
+  });
+  return out;
+}
+
+// Input gradient (bilinear adjoint, or the integer adjoint for `rounded` shifts) and/or shift gradient, NCHW
+// planes of one channel at a time (so the shift gradient needs no cross-thread reduction), in one pass.
+struct BackwardArgs {
+  Tensor g, x, shifts;       // x and shifts undefined when no shift gradient is wanted
+  Tensor input_shifts;       // real shifts for the bilinear adjoint, int64 for the integer one; undefined: none
+  bool integer_adjoint;
+  int64_t stride, H, W;
+};
+
+std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
+  const bool cl = is_channels_last(args.g);
+  const Tensor g = args.g.contiguous(format_of(cl));
+  const bool want_gx = args.input_shifts.defined(), want_gs = args.shifts.defined();
+  const Tensor x = want_gs ? args.x.contiguous(format_of(cl)) : Tensor();
+  const int64_t N = g.size(0), C = g.size(1), Ho = g.size(2), Wo = g.size(3), H = args.H, W = args.W;
+  Tensor gx = want_gx ? new_output(g, H, W, cl) : Tensor();
+  Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
+  Tensor gs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "bilinear_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    // the reference computes the shift gradient from shifts cast to its accumulation type
+    const Tensor gs_shifts = want_gs ? args.shifts.to(c10::CppTypeToScalarType<A>::value) : Tensor();
+    const Bilinear<A> q_gs(want_gs ? gs_shifts : at::zeros({C, 2}, at::kDouble));
+    const Bilinear<A> q_gx(want_gx && !args.integer_adjoint ? args.input_shifts : at::zeros({C, 2}, at::kDouble));
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = want_gs ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = want_gx ? gx.data_ptr<scalar_t>() : nullptr;
+    double* acc = gs_acc.data_ptr<double>();
+    if (N * C * H * W == 0) return;
+    Move m{N, C, Ho, Wo, H, W, {}, {}};
+    Tensor holder;
+    if (want_gx && args.integer_adjoint) {
+      const int64_t* s = int_shifts(args.input_shifts, holder);
+      for (int64_t c = 0; c < C; ++c) {
+        m.rows.push_back(adjoint_seg(s[2 * c], H, Ho, args.stride));
+        m.cols.push_back(adjoint_seg(s[2 * c + 1], W, Wo, args.stride));
+      }
+    }
+    with_stride(args.stride, [&](auto s) {
+      constexpr int S = decltype(s)::value;
+      if (cl) {
+        if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
+        if (want_gx && !args.integer_adjoint) bilinear_adjoint_nhwc<S>(gp, gxp, N, C, H, W, Ho, Wo, q_gx);
+        if (want_gs) shift_grad_nhwc<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
+        return;
+      }
+      const std::vector<scalar_t> zeros(std::max(W, Wo), scalar_t(0));
+      parallel(C, N * (want_gx + want_gs) * H * W, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          double sy = 0, sx = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t p = n * C + c;
+            const scalar_t* gpl = gp + p * Ho * Wo;
+            if (want_gx && args.integer_adjoint) {
+              for (int64_t y = 0; y < H; ++y) {
+                const int64_t r = m.rows[c].source(y);
+                move_row(gxp + p * H * W + y * W, W, r >= 0 ? gpl + r * Wo : nullptr, m.cols[c]);
+              }
+            } else if (want_gx) {
+              bilinear_adjoint_plane<S>(gpl, gxp + p * H * W, H, W, Ho, Wo, q_gx, c, zeros.data());
+            }
+            if (want_gs) shift_grad_plane<S>(gpl, xp + p * H * W, H, W, Ho, Wo, q_gs, c, zeros.data(), sy, sx);
+          }
+          acc[2 * c] = sy;
+          acc[2 * c + 1] = sx;
+        }
+      });
+    });
+    if (want_gs) gs = finish_shift_grad<A>(gs_acc, args.shifts);
+  });
+  if (want_gs && !gs.defined()) gs = at::zeros({C, 2}, args.shifts.options().device(at::kCPU));
+  return {gx, gs};
+}
+
+Tensor bilinear_backward_input(const Tensor& g, const Tensor& shifts, int64_t stride, int64_t height, int64_t width) {
+  check_args(g, shifts, stride, "bilinear_backward_input");
+  return std::get<0>(backward({g, Tensor(), Tensor(), shifts, false, stride, height, width}));
+}
+
+Tensor bilinear_backward_shifts(const Tensor& g, const Tensor& x, const Tensor& shifts, int64_t stride) {
+  check_args(x, shifts, stride, "bilinear_backward_shifts");
+  return std::get<1>(backward({g, x, shifts, Tensor(), false, stride, x.size(2), x.size(3)}));
+}
+
+std::tuple<Tensor, Tensor> bilinear_backward(const Tensor& g, const Tensor& x, const Tensor& shifts, int64_t stride) {
+  check_args(x, shifts, stride, "bilinear_backward");
+  return backward({g, x, shifts, shifts, false, stride, x.size(2), x.size(3)});
+}
+
+std::tuple<Tensor, Tensor> sparse_backward(const Tensor& g, const Tensor& x, const Tensor& rounded,
+                                           const Tensor& shifts, int64_t stride) {
+  check_args(x, shifts, stride, "sparse_backward");
+  return backward({g, x, shifts, rounded, true, stride, x.size(2), x.size(3)});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fewshifts C++ CPU shift kernels (same functions as fewshifts.ops.reference)";
+  m.def("shift_forward", &shift_forward, "Integer shift (SSL Eq. 1/5)");
+  m.def("shift_backward", &shift_backward, "Adjoint of the integer shift (SSL Eq. 7)");
+  m.def("shift_inplace", &shift_inplace, "In-place stride-1 integer shift of the channels with nonzero shift");
+  m.def("bilinear_forward", &bilinear_forward, "Bilinear shift (ASL Eq. 8-10)");
+  m.def("bilinear_backward_input", &bilinear_backward_input, "Input gradient of the bilinear shift");
+  m.def("bilinear_backward_shifts", &bilinear_backward_shifts, "Shift gradient of the bilinear shift (SSL Eq. 6)");
+  m.def("bilinear_backward", &bilinear_backward, "Fused input and shift gradients of the bilinear shift");
+  m.def("sparse_backward", &sparse_backward,
+        "Fused gradients of the quantization-aware shift: integer adjoint for x (SSL Eq. 7), bilinear for shifts "
+        "(SSL Eq. 6)");
+}
