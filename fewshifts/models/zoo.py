@@ -91,7 +91,7 @@ class ZooRow:
         return any(d is not None and abs(d) > TOLERANCE for d in (self.params_diff, self.madds_diff))
 
 
-def _label(name: str, kwargs: dict) -> str:
+def row_label(name: str, kwargs: dict) -> str:
     return name + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
 
 
@@ -115,7 +115,7 @@ def measure(name: str, kwargs: dict | None = None) -> ZooRow:
         model = create_model(name, num_classes=num_classes, **kwargs)
         default = model.default_cfg
     params, madds = count_params_madds(model, default["input_size"])
-    return ZooRow(_label(name, kwargs), name, kwargs, tuple(default["input_size"]), num_classes, params, madds,
+    return ZooRow(row_label(name, kwargs), name, kwargs, tuple(default["input_size"]), num_classes, params, madds,
                   default.get("paper_params"), default.get("paper_madds"), default.get("paper_table", ""))
 
 
