@@ -57,6 +57,11 @@ class ConvBN(nn.Sequential):
         super().__init__(*layers)
 
 
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """Residual shortcut: identity, or a strided 1x1 conv + BN when the shape changes."""
+    return nn.Identity() if cin == cout and stride == 1 else ConvBN(cin, cout, 1, stride)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-Excitation (Hu et al.): GAP - 1x1 conv (C -> C * rd_ratio) - ReLU - 1x1 conv - sigmoid gate."""
 

@@ -27,15 +27,12 @@ from fewshifts.models.common import (
     check_choice,
     init_weights,
     make_spatial,
+    shortcut,
 )
 from fewshifts.models.convert import convert
 from fewshifts.models.registry import register_model
 
 __all__ = ["ResNet", "Bottleneck", "FlatShiftBlock"]
-
-
-def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
-    return nn.Identity() if cin == cout and stride == 1 else ConvBN(cin, cout, 1, stride)
 
 
 class Bottleneck(nn.Module):
@@ -54,7 +51,7 @@ class Bottleneck(nn.Module):
         self.conv2 = ConvBN(width, width, 3, stride, act_layer=nn.ReLU)
         self.shift3 = pre_shift(width) if pre_shift else nn.Identity()
         self.conv3 = ConvBN(width, cout, 1)
-        self.shortcut = _shortcut(cin, cout, stride)
+        self.shortcut = shortcut(cin, cout, stride)
         self.act = nn.ReLU(inplace=True)
         self.out_channels = cout
 
@@ -80,7 +77,7 @@ class FlatShiftBlock(nn.Module):
         self.shift = make_spatial(shift, cin, connectivity=connectivity)
         self.conv = ConvBN(cin, cout, 1)
         self.down = make_spatial(shift, cout, stride, connectivity=connectivity) if stride != 1 else nn.Identity()
-        self.shortcut = _shortcut(cin, cout, stride)
+        self.shortcut = shortcut(cin, cout, stride)
         self.act = nn.ReLU(inplace=True)
         self.out_channels = cout
 

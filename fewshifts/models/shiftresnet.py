@@ -8,14 +8,20 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fewshifts.models.common import CIFAR_MEAN, CIFAR_STD, Classifier, ConvBN, cfg, check_choice, make_spatial
+from fewshifts.models.common import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    Classifier,
+    ConvBN,
+    cfg,
+    check_choice,
+    check_positive,
+    make_spatial,
+    shortcut,
+)
 from fewshifts.models.registry import register_model
 
 __all__ = ["CifarResNet", "BasicBlock", "CSCBlock"]
-
-
-def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
-    return nn.Identity() if cin == cout and stride == 1 else ConvBN(cin, cout, 1, stride)
 
 
 class BasicBlock(nn.Module):
@@ -25,7 +31,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBN(cin, cout, 3, stride, act_layer=nn.ReLU)
         self.conv2 = ConvBN(cout, cout, 3)
-        self.shortcut = _shortcut(cin, cout, stride)
+        self.shortcut = shortcut(cin, cout, stride)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -43,7 +49,7 @@ class CSCBlock(nn.Module):
         self.expand = ConvBN(cin, mid, 1, act_layer=nn.ReLU)
         self.shift = make_spatial(shift, mid)
         self.project = ConvBN(mid, cout, 1, stride)
-        self.shortcut = _shortcut(cin, cout, stride)
+        self.shortcut = shortcut(cin, cout, stride)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,8 +64,7 @@ class CifarResNet(Classifier):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth should be 6n + 2 (20, 56, 110, ...) instead of {depth!r}")
-        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-            raise ValueError(f"base_width should be a positive integer instead of {base_width!r}")
+        check_positive("base_width", base_width)
         check_choice("block", block, ("basic", "csc"))
         block_cls = BasicBlock if block == "basic" else CSCBlock
         n = (depth - 2) // 6

@@ -43,9 +43,10 @@ NOTES: dict[str, str] = {
         "to multiples of 8, last conv 1792) has 6.11M, as in timm/torchvision; 6.9M is not reachable with "
         "585M MAdds (our 582M matches within 0.5%). The paper number is inconsistent, not the model."),
     "fenet_100": (
-        "SSL Tab. 5 gives 3.7M parameters; Tab. 4 with middle width = in_channels x t gives 3.54M (-4.5%) "
-        "while matching the MAdds (300M vs 301M). Tab. 4 fixes every layer, so the remaining 0.16M cannot be "
-        "placed without breaking the MAdds or the 1.375x row (5.96M vs 5.9M, 563M vs 563M)."),
+        "SSL Tab. 5 gives 3.7M parameters; Tab. 4 with middle width = in_channels x t (design.md) gives 3.54M "
+        "(-4.5%, within 5%) at 300M MAdds (paper 301M). We keep this reading because the same construction "
+        "matches the 1.375x row exactly (5.96M vs 5.9M, 563M vs 563M) and the SE rows of Tab. 7; the authors' "
+        "later code (middle width = out_channels x t, last conv 1932) gives about 770M MAdds instead."),
     "shift_resnet101_cifar(variant='flat', connectivity=4)": (
         "The slides give no layer table for the flattened network. Our reconstruction (one shift + 1x1 conv "
         "per residual block, 33 blocks, full widths) matches the ImageNet row (40.0M / 7.72G vs 40.8M / "
@@ -91,7 +92,7 @@ class ZooRow:
         return any(d is not None and abs(d) > TOLERANCE for d in (self.params_diff, self.madds_diff))
 
 
-def _label(name: str, kwargs: dict) -> str:
+def row_label(name: str, kwargs: dict) -> str:
     return name + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
 
 
@@ -115,7 +116,7 @@ def measure(name: str, kwargs: dict | None = None) -> ZooRow:
         model = create_model(name, num_classes=num_classes, **kwargs)
         default = model.default_cfg
     params, madds = count_params_madds(model, default["input_size"])
-    return ZooRow(_label(name, kwargs), name, kwargs, tuple(default["input_size"]), num_classes, params, madds,
+    return ZooRow(row_label(name, kwargs), name, kwargs, tuple(default["input_size"]), num_classes, params, madds,
                   default.get("paper_params"), default.get("paper_madds"), default.get("paper_table", ""))
 
 
@@ -174,7 +175,7 @@ def markdown(rows: list[ZooRow]) -> str:
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- **{label}**: {text}" for label, text in notes]
-    lines += ["", "## Architecture choices", "", *ARCHITECTURE_NOTES]
+    lines += ["", "## Architecture choices", "", *ARCHITECTURE_NOTES, "", "## Usage", "", *USAGE]
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +193,20 @@ ARCHITECTURE_NOTES = [
     "before the reducing and expanding 1x1 convs (zero parameters and MAdds); flat: see the note above.",
     "- `convert`: every K x K conv (K > 1) becomes shift (stride 1 or 2 on the shift) + 1x1 conv keeping "
     "`groups` and bias, so a depthwise conv becomes shift + a per-channel 1x1 conv.",
+]
+
+
+USAGE = [
+    "```python",
+    "import fewshifts.models as fm",
+    "model = fm.create_model('fenet_1375', se='v2')                  # SSL Tab. 7 variant",
+    "small = fm.create_model('fenet_100', num_classes=10, in_chans=1, small_input=True)  # 28x28 Fashion-MNIST",
+    "shifty, report = fm.convert(fm.create_model('resnet101'), shift='grouped', connectivity=4, exclude=('stem',))",
+    "print(report)                                                   # what was replaced, or that nothing was",
+    "```",
+    "",
+    "CIFAR-size models (`resnet20`, `shiftresnet20`, `asnet20`, `*_cifar`, ...) take 28x28 single-channel input",
+    "with `in_chans=1` as they are; FE-Net and MobileNetV2 need `small_input=True` for 28x28 (total stride 8).",
 ]
 
 
