@@ -13,7 +13,7 @@ import torch
 from fewshifts.data.download import Remote, fetch
 from fewshifts.data.tensor import ArrayDataset
 
-__all__ = ["read_idx", "fashion_mnist", "FASHION_MNIST"]
+__all__ = ["read_idx", "write_idx", "fashion_mnist", "FASHION_MNIST"]
 
 FASHION_MNIST = Remote(
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -67,3 +67,14 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, train: bool = True,
         raise ValueError(f"{folder / names[1]}: label {labels.max()} out of range for 10 classes")
     return ArrayDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
                         FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, str(folder))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a uint8 array as an idx file (gzipped when the name ends in .gz): the inverse of :func:`read_idx`."""
+    path = Path(path)
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path

@@ -90,7 +90,7 @@ def load_for_resume(target: str | os.PathLike) -> tuple[Path, dict, dict]:
     try:
         return (path, *load_checkpoint(path))
     except ValueError as exc:
-        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
         hint = (f"; the previous checkpoint {older[0]} is kept: resume from it with --resume {older[0]}" if older
                 else "; no older checkpoint exists")
         raise ValueError(f"cannot resume: {exc}{hint}") from exc

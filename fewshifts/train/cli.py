@@ -20,9 +20,10 @@ _SHORT = {"out": "DIR", "shift_penalty": "LAMBDA", "freeze_shifts_at": "STEP", "
 
 def _yaml_value(text: str):
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a YAML value ({exc})") from exc
+    return value
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:

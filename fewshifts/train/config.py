@@ -52,6 +52,7 @@ _OPTIONS: dict[str, tuple[object, str]] = {
     "channels_last": (False, "channels-last memory format for model and inputs"),
     "compile": (False, "torch.compile the model"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "threads": (0, "CPU threads per process (0: PyTorch's default)"),
     "seed": (0, "seed of initialization, data order and augmentation"),
     "eval_every": (1, "evaluate on the test set every N epochs (0: only at the end)"),
     "ckpt_every": (0, "also checkpoint every N steps (0: at epoch ends only)"),
@@ -81,7 +82,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config should be a YAML mapping instead of {type(data).__name__}")
     check_keys(data, str(path))
-    return data
+    return coerce_numbers(data)
 
 
 def load_preset(name: str) -> dict:
@@ -110,10 +111,26 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
         cfg.update(load_yaml(config_file))
     overrides = overrides or {}
     check_keys(overrides, "command line")
-    cfg.update(overrides)
+    cfg.update(coerce_numbers(overrides))
     validate(cfg)
     cfg["preset"] = preset
     return cfg
+
+
+_TEXT_KEYS = {"model", "shift", "dataset", "data_dir", "schedule", "precision", "device", "out"}
+
+
+def coerce_numbers(cfg: dict) -> dict:
+    """YAML 1.1 reads ``1e-3`` as a string: turn such strings into floats outside the text-valued keys."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, str) and key not in _TEXT_KEYS:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
 
 
 def validate(cfg: dict) -> None:
@@ -128,6 +145,9 @@ def validate(cfg: dict) -> None:
             raise ValueError(f"{key} should be a positive integer instead of {v!r}")
     if not isinstance(cfg["model_kwargs"], dict):
         raise ValueError(f"model_kwargs should be a mapping instead of {cfg['model_kwargs']!r}")
+    for key, default in DEFAULTS.items():
+        if isinstance(default, float) and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
+            raise ValueError(f"{key} should be a number instead of {cfg[key]!r}")
     if cfg["shift_penalty"] < 0:
         raise ValueError(f"shift_penalty should be >= 0 instead of {cfg['shift_penalty']!r}")
 

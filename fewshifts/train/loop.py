@@ -37,7 +37,7 @@ from fewshifts.layers import (
 from fewshifts.models import create_model, save_model
 from fewshifts.models.io import MODEL_FILE
 from fewshifts.train.checkpoint import list_checkpoints, load_for_resume, save_checkpoint
-from fewshifts.train.config import at_step, validate
+from fewshifts.train.config import at_step, check_keys, coerce_numbers, validate
 from fewshifts.train.records import MetricsLog, Progress, format_time, summary_line, write_summary
 
 __all__ = ["train", "evaluate", "count_madds", "StopTraining"]
@@ -63,12 +63,16 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
         if resume is not None:
             ckpt, weights, state = load_for_resume(resume)
             cfg = {**state["config"], **(overrides or {})}
+            check_keys(overrides or {}, "command line")
+            cfg = coerce_numbers(cfg)
             validate(cfg)
             cfg["out"] = str(ckpt.parent.parent)
         out = Path(cfg["out"] or f"runs/{cfg.get('preset') or cfg['model']}-{datetime.now():%Y%m%d-%H%M%S}")
         cfg["out"] = str(out)
         if master and state is None and list_checkpoints(out):
             raise ValueError(f"{out} already holds a run; continue it with --resume or pick another --out")
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
         # -------------------------------------------------------------- model
         torch.manual_seed(cfg["seed"])
         in_chans, num_classes, image_size = dataset_info(cfg["dataset"])
@@ -190,9 +194,11 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 if step % per_epoch == 0 or step == total:  # ------------------------------ epoch end
                     progress.end_epoch()
                     sums = all_reduce(running.clone(), world)
+                    with torch.no_grad():
+                        penalty = float(shift_penalty(model, p))
                     row = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
                                train_loss=float(sums[0] / sums[2]), train_acc=float(sums[1] / sums[2]),
-                               sparsity=shift_sparsity(model), penalty=float(shift_penalty(model, p)),
+                               sparsity=shift_sparsity(model), penalty=penalty,
                                elapsed_s=elapsed_before + time.perf_counter() - timer_start)
                     if step == total or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
                         eval_result = evaluate(model, test_loader, world, autocast)
