@@ -88,7 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model = load_model(args.path, map_location=device)
         subset = args.subset if args.subset is not None else extra.get("eval_subset")
         loader = build_loader(dataset, False, args.batch_size or extra.get("eval_batch_size", 500), device,
-                              args.data_dir, subset=subset)
+                              args.data_dir or extra.get("data_dir"), subset=subset)
     except (ValueError, FileNotFoundError) as exc:
         print(f"fewshifts eval: error: {exc}", file=sys.stderr)
         return 1

@@ -77,7 +77,10 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
         torch.manual_seed(cfg["seed"])
         in_chans, num_classes, image_size = dataset_info(cfg["dataset"])
         kwargs = dict(cfg["model_kwargs"], **({"shift": cfg["shift"]} if cfg["shift"] else {}))
-        model = create_model(cfg["model"], num_classes=num_classes, in_chans=in_chans, **kwargs)
+        try:
+            model = create_model(cfg["model"], num_classes=num_classes, in_chans=in_chans, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"model {cfg['model']!r} does not take the arguments {kwargs} ({exc})") from exc
         if weights is not None:
             model.load_state_dict(weights)
         model.to(device)
@@ -110,7 +113,8 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-            running.copy_(state["running"])
+            if master:  # the saved sums are over all ranks: count them once
+                running.copy_(state["running"])
             step, elapsed_before = state["step"], state["elapsed_s"]
         if freeze_at is not None and step >= freeze_at:
             freeze_shifts(model)
@@ -127,11 +131,12 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                          f"of {per_epoch} x {cfg['batch_size']} images, {world} process(es) on {device}{note} -> {out}")
 
         def checkpoint(at: int) -> Path | None:
+            """Save on rank 0 (called on every rank: the running metrics are summed over ranks first)."""
+            sums = all_reduce(running.clone(), world)
             if not master:
                 return None
-            rng = get_rng_state()
             return save_checkpoint(out, at, model, dict(
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng, running=running.cpu(),
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=get_rng_state(), running=sums.cpu(),
                 config=cfg, elapsed_s=elapsed_before + time.perf_counter() - timer_start), cfg["keep_checkpoints"])
 
         # -------------------------------------------------------------- signals: finish the step, checkpoint, exit
@@ -244,7 +249,8 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 ranks_identical=identical, run_dir=str(out),
             )
             save_model(model, out / MODEL_FILE, extra=dict(
-                dataset=cfg["dataset"], test_acc=summary["test_acc"], eval_subset=cfg["eval_subset"],
+                dataset=cfg["dataset"], data_dir=cfg["data_dir"], test_acc=summary["test_acc"],
+                eval_subset=cfg["eval_subset"],
                 eval_batch_size=cfg["eval_batch_size"], steps=total))
             write_summary(out / "summary.json", summary)
             metrics.close()
