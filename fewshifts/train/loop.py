@@ -228,6 +228,8 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
         finally:
             restore_signal_handlers(handlers)
             progress.end_epoch()
+            if metrics is not None:
+                metrics.close()
         # -------------------------------------------------------------- final evaluation and records
         sync_buffers(model, world)
         if eval_result is None or first_step == total:
@@ -253,7 +255,6 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 eval_subset=cfg["eval_subset"],
                 eval_batch_size=cfg["eval_batch_size"], steps=total))
             write_summary(out / "summary.json", summary)
-            metrics.close()
             print(summary_line(summary), flush=True)
         return summary or {}
     finally:

@@ -99,6 +99,7 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def write_summary(path: Path, summary: dict) -> None:
