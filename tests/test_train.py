@@ -283,3 +283,18 @@ def test_ddp_two_processes_agree(data_dir, tmp_path):
     assert proc.stdout.count("test accuracy") == 1  # one summary line, from rank 0
     assert [int(r["step"]) for r in metric_rows(out)] == [4, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray records from rank 1
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_off_it(capsys):
+    from fewshifts.train.records import Progress
+
+    stats = {"loss": 0.5, "acc": 0.8, "img_per_s": 100.0, "sparsity": 0.25}
+    bar = Progress(total_steps=8, steps_per_epoch=4, tty=True)
+    bar.start_epoch(1, 2, first_step=5)
+    bar.update(6, stats, eta_s=3)
+    bar.end_epoch()
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "sparsity 25.0%" in err and "2/4" in err
+    plain = Progress(total_steps=8, steps_per_epoch=4, tty=False)
+    plain.update(6, dict(stats, sparsity=float("nan")), eta_s=3)
+    assert capsys.readouterr().out.strip() == "step 6/8 loss 0.5000 acc 80.0% 100 img/s sparsity n/a eta 0:03"
