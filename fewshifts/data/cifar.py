@@ -1,0 +1,144 @@
+"""CIFAR-10/100 from the official python-version tarball (or its extracted folder), via a restricted unpickler.
+
+The batches are Python pickles; :class:`RestrictedUnpickler` only rebuilds plain containers and numpy
+arrays, so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshifts.data.download import Remote, download_file, find_files, search_roots, user_roots
+from fewshifts.data.tensor import ArrayDataset
+
+__all__ = ["RestrictedUnpickler", "safe_unpickle", "cifar", "CIFAR"]
+
+CIFAR = {
+    "cifar10": (Remote("https://www.cs.toronto.edu/~kriz/",
+                       {"cifar-10-python.tar.gz": "md5:c58f30108f718f92721af3b95e74349a"}),
+                "cifar-10-batches-py", ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                                        "data_batch_5"], ["test_batch"], "batches.meta", b"labels", b"label_names"),
+    "cifar100": (Remote("https://www.cs.toronto.edu/~kriz/",
+                        {"cifar-100-python.tar.gz": "md5:eb9058c3a382ffc7106e4002c42a8d85"}),
+                 "cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "bytearray"), ("_codecs", "encode"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds only builtin containers/scalars and numpy arrays; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name} (only numpy arrays and plain "
+                                     "containers are allowed)")
+
+
+def safe_unpickle(data: bytes, source: str) -> object:
+    """Unpickle ``data`` (Python 2 CIFAR batches included) with :class:`RestrictedUnpickler`; errors name ``source``."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:
+        raise ValueError(f"{source}: not a valid CIFAR batch ({type(exc).__name__}: {exc})") from exc
+
+
+def _key(d: dict, key: bytes, source: str):
+    for k in (key, key.decode()):
+        if k in d:
+            return d[k]
+    raise ValueError(f"{source}: CIFAR batch has no {key.decode()!r} entry")
+
+
+def _read_batches(read, names: list[str], label_key: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for name in names:
+        source = f"{where}/{name}"
+        batch = safe_unpickle(read(name), source)
+        if not isinstance(batch, dict):
+            raise ValueError(f"{source}: CIFAR batch should be a dict instead of {type(batch).__name__}")
+        data, lab = np.asarray(_key(batch, b"data", source)), np.asarray(_key(batch, label_key, source))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{source}: data should be uint8 (N, 3072) instead of {data.dtype} {data.shape}")
+        if len(lab) != len(data):
+            raise ValueError(f"{source}: {len(lab)} labels for {len(data)} images")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(lab.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, train: bool = True,
+          download: bool = True, remote: Remote | None = None) -> ArrayDataset:
+    """CIFAR-10 or CIFAR-100 (fine labels) as a uint8 (N, 3, 32, 32) :class:`ArrayDataset`."""
+    if name not in CIFAR:
+        raise ValueError(f"name should be one of {tuple(CIFAR)} instead of {name!r}")
+    default_remote, folder, train_names, test_names, meta, label_key, names_key = CIFAR[name]
+    remote = remote or default_remote
+    tar_name = next(iter(default_remote.checksums))
+    names = train_names if train else test_names
+    extracted = find_files(folder, [*names, meta], data_dir)
+    if extracted is not None:
+        where = str(extracted)
+        read = lambda n: _read_bytes(extracted / n)
+        images, labels = _read_batches(read, names, label_key, where)
+        meta_dict = safe_unpickle(read(meta), f"{where}/{meta}")
+    else:
+        tar_path = _find_or_download_tar(tar_name, remote, data_dir, download)
+        try:
+            with tarfile.open(tar_path, "r:gz") as tar:
+                read = lambda n: _tar_member(tar, f"{folder}/{n}", tar_path)
+                images, labels = _read_batches(read, names, label_key, str(tar_path))
+                meta_dict = safe_unpickle(read(meta), f"{tar_path}:{meta}")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ValueError(f"{tar_path}: corrupt or truncated tarball ({exc})") from exc
+        where = str(tar_path)
+    classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in _key(meta_dict, names_key, where))
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"{where}: labels outside [0, {len(classes)})")
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    return ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, mean, std, where)
+
+
+def _read_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _tar_member(tar: tarfile.TarFile, member: str, tar_path: Path) -> bytes:
+    try:
+        f = tar.extractfile(member)
+    except KeyError:
+        f = None
+    if f is None:
+        raise ValueError(f"{tar_path}: tarball has no member {member!r}")
+    return f.read()
+
+
+def _find_or_download_tar(tar_name: str, remote: Remote, data_dir, download: bool) -> Path:
+    for root in search_roots(data_dir):
+        for d in (root / "cifar", root):
+            if (d / tar_name).is_file():
+                return d / tar_name
+    if not download:
+        tried = ", ".join(str(r) for r in search_roots(data_dir))
+        raise FileNotFoundError(f"{tar_name} (or its extracted folder) not found under any of {tried}")
+    dest = user_roots(data_dir)[0] / "cifar" / tar_name
+    url = remote.base_url.rstrip("/") + "/" + tar_name
+    print(f"downloading {url} -> {dest}", flush=True)
+    return download_file(url, dest, remote.checksums.get(tar_name))

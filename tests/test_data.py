@@ -1,0 +1,287 @@
+"""Datasets: idx/CIFAR/ImageFolder readers on small files written in the real formats, downloads, loaders."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import pickle
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewshifts.data import (
+    DeviceLoader,
+    ImageFolder,
+    ImageFolderLoader,
+    Remote,
+    build_loader,
+    cifar,
+    download_file,
+    fashion_mnist,
+    find_files,
+    read_idx,
+    safe_unpickle,
+)
+from fewshifts.data.mnist import write_idx
+from fewshifts.data.tensor import ArrayDataset, random_crop, shard
+
+FMNIST_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz"]
+
+
+def write_fmnist(folder, n_train=64, n_test=32, seed=0):
+    """A Fashion-MNIST-format folder of random images; returns {file name: md5}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return {name: "md5:" + hashlib.md5((folder / name).read_bytes()).hexdigest() for name in FMNIST_NAMES}
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No user data roots or system datasets leak into the search."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FEWSHIFTS_DATA", raising=False)
+    monkeypatch.setattr("fewshifts.data.download.SYSTEM_ROOTS", ())
+    return tmp_path
+
+
+# ------------------------------------------------------------------ idx / Fashion-MNIST
+def test_idx_round_trip(tmp_path):
+    a = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    for name in ("a.idx", "a.idx.gz"):
+        assert np.array_equal(read_idx(write_idx(tmp_path / name, a), 3), a)
+
+
+def test_fashion_mnist_from_data_dir(isolated):
+    write_fmnist(isolated / "data" / "fashion-mnist", n_train=40, n_test=8)
+    train, test = fashion_mnist(isolated / "data", train=True), fashion_mnist(isolated / "data", train=False)
+    assert train.images.shape == (40, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.labels.shape == (8,) and test.labels.dtype == torch.int64
+
+
+def test_search_order(isolated, monkeypatch):
+    write_fmnist(isolated / "first", n_train=10)
+    write_fmnist(isolated / "env" / "fashion-mnist", n_train=20)
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    assert len(fashion_mnist(isolated / "first")) == 10
+    assert len(fashion_mnist(None)) == 20
+    assert find_files("fashion-mnist", FMNIST_NAMES, isolated / "nowhere") == isolated / "env" / "fashion-mnist"
+
+
+@pytest.mark.parametrize("defect, message", [
+    ("magic", "magic number"), ("truncated_gz", "corrupt or truncated"), ("short", "truncated or corrupt"),
+    ("count", "labels for"), ("not_gzip", "corrupt or truncated"),
+])
+def test_bad_idx_files_name_the_file(isolated, defect, message):
+    folder = isolated / "fashion-mnist"
+    write_fmnist(folder, n_train=16)
+    images, labels = folder / FMNIST_NAMES[0], folder / FMNIST_NAMES[1]
+    raw = gzip.decompress(images.read_bytes())
+    bad = {"magic": labels, "truncated_gz": images, "short": images, "count": labels, "not_gzip": images}[defect]
+    if defect == "magic":
+        data = gzip.decompress(labels.read_bytes())
+        labels.write_bytes(gzip.compress(data[:3] + b"\x03" + data[4:]))
+    elif defect == "truncated_gz":
+        images.write_bytes(images.read_bytes()[:200])
+    elif defect == "short":
+        images.write_bytes(gzip.compress(raw[:-28]))
+    elif defect == "count":
+        write_idx(labels, np.zeros(15, dtype=np.uint8))
+    else:
+        images.write_bytes(b"this is not gzip data at all")
+    with pytest.raises(ValueError, match=message) as info:
+        fashion_mnist(isolated)
+    assert str(bad) in str(info.value)
+
+
+# ------------------------------------------------------------------ downloads against a local server
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_with_good_checksums(isolated, server):
+    root, url = server
+    sums = write_fmnist(root, n_train=24, n_test=8)
+    data = fashion_mnist(isolated / "dl", train=True, remote=Remote(url, sums))
+    assert len(data) == 24
+    assert (isolated / "dl" / "fashion-mnist" / FMNIST_NAMES[0]).is_file()
+    sha = hashlib.sha256((root / FMNIST_NAMES[1]).read_bytes()).hexdigest()
+    assert download_file(url + FMNIST_NAMES[1], isolated / "x.gz", "sha256:" + sha).is_file()
+
+
+def test_download_with_bad_checksum_leaves_nothing(isolated, server):
+    root, url = server
+    sums = write_fmnist(root)
+    sums[FMNIST_NAMES[0]] = "md5:" + "0" * 32
+    with pytest.raises(ValueError, match="checksum mismatch") as info:
+        fashion_mnist(isolated / "dl", remote=Remote(url, sums))
+    assert FMNIST_NAMES[0] in str(info.value)
+    assert not list((isolated / "dl" / "fashion-mnist").glob("train-images*"))
+    with pytest.raises(OSError, match="could not download"):
+        download_file(url + "missing.gz", isolated / "m.gz")
+
+
+def test_no_download_when_disabled(isolated):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        fashion_mnist(isolated / "empty", download=False)
+
+
+# ------------------------------------------------------------------ CIFAR
+def _batch(n, rng, label_key=b"labels"):
+    return {b"batch_label": b"batch", label_key: rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+
+
+def write_cifar10(folder, n=6, seed=0):
+    """The cifar-10-batches-py layout with ``n`` images per batch file."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(_batch(n, rng), protocol=2))
+    meta = {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_cases_per_batch": n}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def test_cifar10_tarball_and_folder(isolated):
+    write_cifar10(isolated / "src" / "cifar-10-batches-py")
+    (isolated / "tar").mkdir()
+    with tarfile.open(isolated / "tar" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(isolated / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    from_tar = cifar("cifar10", isolated / "tar", train=True, download=False)
+    from_dir = cifar("cifar10", isolated / "src", train=True, download=False)
+    assert from_tar.images.shape == (30, 3, 32, 32) and from_tar.classes[3] == "class3"
+    assert torch.equal(from_tar.images, from_dir.images) and torch.equal(from_tar.labels, from_dir.labels)
+    assert len(cifar("cifar10", isolated / "tar", train=False, download=False)) == 6
+
+
+def test_cifar100_layout(isolated):
+    rng = np.random.default_rng(1)
+    folder = isolated / "cifar-100-python"
+    folder.mkdir()
+    for name, n in (("train", 7), ("test", 3)):
+        batch = _batch(n, rng, b"fine_labels")
+        batch[b"coarse_labels"] = [0] * n
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"c%d" % i for i in range(100)]}))
+    data = cifar("cifar100", isolated, train=True, download=False)
+    assert len(data) == 7 and len(data.classes) == 100
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    payload = pickle.dumps({b"data": _Evil()}, protocol=2)
+    with pytest.raises(ValueError, match="refusing to unpickle global"):
+        safe_unpickle(payload, "evil_batch")
+    assert not (tmp_path / "pwned").exists()
+    assert isinstance(safe_unpickle(pickle.dumps({b"a": np.zeros(3, np.uint8)}, protocol=5), "ok")[b"a"], np.ndarray)
+
+
+def test_cifar_bad_batch_names_the_file(isolated):
+    write_cifar10(isolated / "cifar-10-batches-py")
+    bad = isolated / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match="data_batch_3"):
+        cifar("cifar10", isolated, download=False)
+
+
+# ------------------------------------------------------------------ loaders
+def _dataset(n=40, c=1, size=8):
+    images = torch.arange(n * c * size * size).remainder(251).to(torch.uint8).view(n, c, size, size)
+    return ArrayDataset(images, torch.arange(n) % 10, tuple("abcdefghij"), (0.5,) * c, (0.25,) * c, "test")
+
+
+def test_device_loader_shapes_determinism_and_shards():
+    data = _dataset()
+    loader = DeviceLoader(data, 8, train=True, seed=3)
+    assert len(loader) == 5
+    a, b = list(loader.batches(epoch=1)), list(loader.batches(epoch=1))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(a[0][1], next(loader.batches(epoch=2))[1])
+    assert torch.equal(next(iter(loader.batches(epoch=1, start=3)))[0], a[3][0])  # resuming mid-epoch
+    assert a[0][0].dtype == torch.float32 and a[0][0].shape == (8, 1, 8, 8)
+    ranks = [DeviceLoader(data, 8, True, seed=3, rank=r, world=2) for r in range(2)]
+    halves = [next(r.batches(epoch=1)) for r in ranks]
+    assert torch.equal(torch.cat([h[1] for h in halves]), a[0][1])
+    assert torch.equal(torch.cat([h[0] for h in halves]), a[0][0])
+    evaluation = DeviceLoader(data, 16, train=False)
+    assert sum(len(y) for _, y in evaluation.batches()) == 40
+
+
+def test_random_crop_matches_per_image_crop():
+    x = torch.randint(0, 256, (5, 2, 6, 7), dtype=torch.uint8)
+    offsets = torch.randint(0, 9, (5, 2))
+    out = random_crop(x, offsets, 4)
+    padded = torch.nn.functional.pad(x, (4,) * 4)
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        assert torch.equal(out[i], padded[i, :, dy:dy + 6, dx:dx + 7])
+    assert torch.equal(shard(torch.arange(10), 1, 2), torch.arange(5, 10))
+
+
+def test_loader_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple"):
+        DeviceLoader(_dataset(), 7, True, world=2)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        DeviceLoader(_dataset(4), 8, True)
+    with pytest.raises(ValueError, match="dataset should be one of"):
+        build_loader("mnist-digits", True, 8)
+
+
+def _write_image_folder(root, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(root / cls / f"{i}.jpg")
+
+
+def test_image_folder_train_and_eval_transforms(tmp_path):
+    _write_image_folder(tmp_path / "train")
+    train = ImageFolder(tmp_path / "train", train=True, size=24, color_jitter=0.4, seed=1)
+    x, y = train[4]
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 1 and train.classes == ("cat", "dog")
+    assert torch.equal(train[4][0], x)  # deterministic per (seed, epoch, index)
+    evaluation = ImageFolder(tmp_path / "train", train=False, size=24, resize=28)
+    assert evaluation[0][0].shape == (3, 24, 24)
+    loader = ImageFolderLoader(train, 2, train=True, workers=0)
+    batches = list(loader.batches(epoch=0))
+    assert len(batches) == 3 and batches[0][0].shape == (2, 3, 24, 24) and batches[0][0].dtype == torch.float32
+
+
+def test_image_folder_corrupt_image_names_file(tmp_path):
+    _write_image_folder(tmp_path)
+    (tmp_path / "dog" / "1.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    folder = ImageFolder(tmp_path, train=False, size=16, resize=20)
+    with pytest.raises(ValueError, match=r"1\.jpg"):
+        folder[4]
+
+
+@pytest.mark.skipif(find_files("fashion-mnist", FMNIST_NAMES) is None, reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist():
+    test = fashion_mnist(train=False)
+    assert test.images.shape == (10000, 1, 28, 28) and set(test.labels.unique().tolist()) == set(range(10))
+    assert abs(test.images.float().mean().item() / 255 - test.mean[0]) < 0.01
