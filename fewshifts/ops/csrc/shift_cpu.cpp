@@ -60,18 +60,55 @@ void check_args(const Tensor& x, const Tensor& shifts, int64_t stride, const cha
   TORCH_CHECK(stride == 1 || stride == 2, name, ": stride should be 1 or 2, got ", stride);
 }
 
-template <typename T>
-void copy_n(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
-  if (n >= 64) {
-    std::memcpy(dst, src, n * sizeof(T));
+// Copies of a few bytes (a run of channels, a short row) without a library call: fixed-size blocks whose last
+// one may overlap the previous ones.
+inline void copy_bytes(char* __restrict__ d, const char* __restrict__ s, size_t n) {
+  if (n >= 512) {
+    std::memcpy(d, s, n);
+  } else if (n >= 32) {
+    size_t k = 0;
+    for (; k + 32 <= n; k += 32) std::memcpy(d + k, s + k, 32);
+    if (k < n) std::memcpy(d + n - 32, s + n - 32, 32);
+  } else if (n >= 16) {
+    std::memcpy(d, s, 16);
+    std::memcpy(d + n - 16, s + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(d, s, 8);
+    std::memcpy(d + n - 8, s + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(d, s, 4);
+    std::memcpy(d + n - 4, s + n - 4, 4);
   } else {
-    for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+    for (size_t k = 0; k < n; ++k) d[k] = s[k];
+  }
+}
+
+inline void zero_bytes(char* d, size_t n) {  // all-zero bits are 0.0 in every floating type
+  if (n >= 512) {
+    std::memset(d, 0, n);
+  } else if (n >= 32) {
+    size_t k = 0;
+    for (; k + 32 <= n; k += 32) std::memset(d + k, 0, 32);
+    if (k < n) std::memset(d + n - 32, 0, 32);
+  } else if (n >= 16) {
+    std::memset(d, 0, 16);
+    std::memset(d + n - 16, 0, 16);
+  } else if (n >= 8) {
+    std::memset(d, 0, 8);
+    std::memset(d + n - 8, 0, 8);
+  } else {
+    for (size_t k = 0; k < n; ++k) d[k] = 0;
   }
 }
 
 template <typename T>
+void copy_n(T* dst, const T* src, int64_t n) {
+  copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
+}
+
+template <typename T>
 void zero_n(T* dst, int64_t n) {
-  std::memset(dst, 0, n * sizeof(T));  // all-zero bits are 0.0 in every floating type
+  zero_bytes(reinterpret_cast<char*>(dst), n * sizeof(T));
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -114,7 +151,7 @@ void move_row(T* dst, int64_t n_dst, const T* src, const Seg& s) {
   if (s.ostep == 1) {
     zero_n(dst, s.o0);
     if (s.sstep == 1) {
-      std::memcpy(dst + s.o0, src + s.s0, s.count * sizeof(T));
+      copy_n(dst + s.o0, src + s.s0, s.count);
     } else {
       T* d = dst + s.o0;
       const T* p = src + s.s0;
@@ -133,17 +170,17 @@ struct Move {  // per channel row/column segments between a source (Hs, Ws) and 
 };
 
 template <typename T>
+void move_plane(const T* src, T* dst, const Move& m, int64_t c) {
+  for (int64_t y = 0; y < m.Hd; ++y) {
+    const int64_t r = m.rows[c].source(y);
+    move_row(dst + y * m.Wd, m.Wd, r >= 0 ? src + r * m.Ws : nullptr, m.cols[c]);
+  }
+}
+
+template <typename T>
 void move_nchw(const T* src, T* dst, const Move& m) {
   parallel(m.N * m.C, m.Hd * m.Wd, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c = p % m.C;
-      const T* sp = src + p * m.Hs * m.Ws;
-      T* dp = dst + p * m.Hd * m.Wd;
-      for (int64_t y = 0; y < m.Hd; ++y) {
-        const int64_t r = m.rows[c].source(y);
-        move_row(dp + y * m.Wd, m.Wd, r >= 0 ? sp + r * m.Ws : nullptr, m.cols[c]);
-      }
-    }
+    for (int64_t p = begin; p < end; ++p) move_plane(src + p * m.Hs * m.Ws, dst + p * m.Hd * m.Wd, m, p % m.C);
   });
 }
 
@@ -163,27 +200,30 @@ std::vector<Run> runs_of(const Move& m) {
   return runs;
 }
 
+// channels_last: each output pixel is a sequence of runs, each copied from its own source pixel or zero-filled.
 template <typename T>
 void move_nhwc(const T* src, T* dst, const Move& m) {
   const std::vector<Run> runs = runs_of(m);
   const int64_t R = static_cast<int64_t>(runs.size()), C = m.C;
-  std::vector<int64_t> col_src(R * m.Wd);  // source column of each (run, output column), -1 for zero
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t x = 0; x < m.Wd; ++x) col_src[r * m.Wd + x] = m.cols[runs[r].c0].source(x);
+  std::vector<int64_t> col_src(m.Wd * R);  // source column of each (output column, run), -1 for zero
+  for (int64_t x = 0; x < m.Wd; ++x)
+    for (int64_t r = 0; r < R; ++r) col_src[x * R + r] = m.cols[runs[r].c0].source(x);
   parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> row_src(R);
+    std::vector<const T*> row_src(R);  // source row of each run for this output row, nullptr for zero
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / m.Hd, y = q % m.Hd;
-      for (int64_t r = 0; r < R; ++r) row_src[r] = m.rows[runs[r].c0].source(y);
-      T* dp = dst + q * m.Wd * C;
-      const T* sp = src + n * m.Hs * m.Ws * C;
-      for (int64_t x = 0; x < m.Wd; ++x, dp += C) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t sr = m.rows[runs[r].c0].source(y);
+        row_src[r] = sr >= 0 ? src + ((n * m.Hs + sr) * m.Ws * C + runs[r].c0) : nullptr;
+      }
+      T* d = dst + q * m.Wd * C;
+      const int64_t* cs = col_src.data();
+      for (int64_t x = 0; x < m.Wd; ++x, d += C, cs += R) {
         for (int64_t r = 0; r < R; ++r) {
-          const int64_t sr = row_src[r], sc = col_src[r * m.Wd + x];
-          if (sr >= 0 && sc >= 0) {
-            copy_n(dp + runs[r].c0, sp + (sr * m.Ws + sc) * C + runs[r].c0, runs[r].len);
+          if (row_src[r] != nullptr && cs[r] >= 0) {
+            copy_n(d + runs[r].c0, row_src[r] + cs[r] * C, runs[r].len);
           } else {
-            zero_n(dp + runs[r].c0, runs[r].len);
+            zero_n(d + runs[r].c0, runs[r].len);
           }
         }
       }
@@ -427,96 +467,128 @@ void shift_grad_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t
   sx += g * ((1 - a) * (z2 - z1) + a * (z4 - z3));
 }
 
-// [lo, hi) of the outputs j whose two source columns j*S + f and j*S + f + 1 both lie in [0, n).
-std::pair<int64_t, int64_t> interior(int64_t f, int64_t n, int64_t n_out, int64_t S) {
-  const int64_t lo = std::min(n_out, std::max<int64_t>(0, -floordiv(f, S)));
-  const int64_t hi = n - 2 - f >= 0 ? std::min(n_out, floordiv(n - 2 - f, S) + 1) : 0;
-  return {lo, std::max(lo, hi)};
-}
+// Padded rows of one NCHW plane in the accumulation type: row(r) holds source columns k0 .. k0+L-1 of row r, zero
+// outside the image (rows outside [0, h) are a shared zero row). Rows are filled on first use into a ring of four
+// slots, so they stay in L1; the loops over them need no bounds checks and vectorise, whatever the shift.
+template <typename T, typename A>
+struct RowCache {
+  std::vector<A> buf;
+  const T* plane = nullptr;
+  int64_t h = 0, w = 0, k0 = 0, L = 0, lo = 0, hi = 0;
+  int64_t tag[4] = {-1, -1, -1, -1};
+
+  void reset(const T* plane_, int64_t h_, int64_t w_, int64_t k0_, int64_t L_) {
+    plane = plane_;
+    h = h_;
+    w = w_;
+    k0 = k0_;
+    if (L_ != L) buf.assign(5 * L_, A(0));  // slot 4 is the zero row
+    L = L_;
+    lo = std::min(L, std::max<int64_t>(0, -k0));
+    hi = std::max(lo, std::min(L, w - k0));
+    std::fill(tag, tag + 4, -1);
+  }
+  const A* row(int64_t r) {
+    if (r < 0 || r >= h) return buf.data() + 4 * L;
+    A* d = buf.data() + (r & 3) * L;
+    if (tag[r & 3] != r) {
+      tag[r & 3] = r;
+      const T* src = plane + r * w;
+      for (int64_t t = 0; t < lo; ++t) d[t] = A(0);
+#pragma omp simd
+      for (int64_t t = lo; t < hi; ++t) d[t] = static_cast<A>(src[k0 + t]);
+      for (int64_t t = hi; t < L; ++t) d[t] = A(0);
+    }
+    return d;
+  }
+};
 
 template <int S, typename T, typename A>
 void bilinear_forward_plane(const T* x, T* out, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
-                            int64_t c, const T* zeros) {
-  const View<T, A> v{x, H, W, W, 1};
-  const int64_t fy = q.fy[c], fx = q.fx[c];
+                            int64_t c, RowCache<T, A>& pad) {
+  const int64_t fy = q.fy[c];
   const A w00 = q.w00[c], w01 = q.w01[c], w10 = q.w10[c], w11 = q.w11[c];
-  const auto [lo, hi] = interior(fx, W, Wo, S);
+  pad.reset(x, H, W, q.fx[c], (Wo - 1) * S + 2);  // columns fx .. (Wo-1)*S + fx + 1
   for (int64_t i = 0; i < Ho; ++i) {
-    const int64_t r = i * S + fy;
-    const T* p0 = (r >= 0 && r < H) ? x + r * W : zeros;
-    const T* p1 = (r + 1 >= 0 && r + 1 < H) ? x + (r + 1) * W : zeros;
+    const A* p0 = pad.row(i * S + fy);
+    const A* p1 = pad.row(i * S + fy + 1);
     T* o = out + i * Wo;
-    for (int64_t j = 0; j < lo; ++j) o[j] = static_cast<T>(forward_at<S>(v, q, c, i, j));
 #pragma omp simd
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t k = j * S + fx;
-      o[j] = static_cast<T>(w00 * static_cast<A>(p0[k]) + w01 * static_cast<A>(p0[k + 1]) +
-                            w10 * static_cast<A>(p1[k]) + w11 * static_cast<A>(p1[k + 1]));
-    }
-    for (int64_t j = hi; j < Wo; ++j) o[j] = static_cast<T>(forward_at<S>(v, q, c, i, j));
+    for (int64_t j = 0; j < Wo; ++j)
+      o[j] = static_cast<T>(w00 * p0[j * S] + w01 * p0[j * S + 1] + w10 * p1[j * S] + w11 * p1[j * S + 1]);
   }
 }
 
+// Input gradient (adjoint of the bilinear shift): gx[y, x] = sum over corners (oy, ox) with y - fy - oy = i*S and
+// x - fx - ox = j*S of w[oy][ox] g[i, j].
 template <int S, typename T, typename A>
 void bilinear_adjoint_plane(const T* g, T* gx, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
-                            int64_t c, const T* zeros) {
-  const View<T, A> v{g, Ho, Wo, Wo, 1};
-  if (S != 1) {
-    for (int64_t y = 0; y < H; ++y)
-      for (int64_t x = 0; x < W; ++x) gx[y * W + x] = static_cast<T>(adjoint_at<S>(v, q, c, y, x));
+                            int64_t c, RowCache<T, A>& pad) {
+  const int64_t fy = q.fy[c], fx = q.fx[c];
+  const A w[2][2] = {{q.w00[c], q.w01[c]}, {q.w10[c], q.w11[c]}};
+  if (S == 1) {
+    pad.reset(g, Ho, Wo, -fx - 1, W + 1);  // columns x - fx - 1 .. x - fx for x in [0, W)
+    for (int64_t y = 0; y < H; ++y) {
+      const A* p0 = pad.row(y - fy);
+      const A* p1 = pad.row(y - fy - 1);
+      T* o = gx + y * W;
+#pragma omp simd
+      for (int64_t x = 0; x < W; ++x)
+        o[x] = static_cast<T>(w[0][0] * p0[x + 1] + w[0][1] * p0[x] + w[1][0] * p1[x + 1] + w[1][1] * p1[x]);
+    }
     return;
   }
-  const int64_t fy = q.fy[c], fx = q.fx[c];
-  const A w00 = q.w00[c], w01 = q.w01[c], w10 = q.w10[c], w11 = q.w11[c];
-  // gx[y, x] = w00 g[y-fy, x-fx] + w01 g[y-fy, x-fx-1] + w10 g[y-fy-1, x-fx] + w11 g[y-fy-1, x-fx-1]
-  const int64_t lo = std::min(W, std::max<int64_t>(0, fx + 1)), hi = std::max(lo, std::min(W, Wo + fx));
+  // stride 2: exactly one corner row and one corner column reach each input pixel (by parity)
+  const int64_t k0 = floordiv(-fx - 1, S);
+  pad.reset(g, Ho, Wo, k0, floordiv(W - 1 - fx, S) - k0 + 1);
   for (int64_t y = 0; y < H; ++y) {
-    const int64_t r = y - fy;
-    const T* p0 = (r >= 0 && r < Ho) ? g + r * Wo : zeros;
-    const T* p1 = (r - 1 >= 0 && r - 1 < Ho) ? g + (r - 1) * Wo : zeros;
+    const int64_t oy = (y - fy) & 1;
+    const A* p = pad.row((y - fy - oy) / S);
+    const A wy0 = w[oy][0], wy1 = w[oy][1];
     T* o = gx + y * W;
-    for (int64_t x = 0; x < lo; ++x) o[x] = static_cast<T>(adjoint_at<S>(v, q, c, y, x));
-#pragma omp simd
-    for (int64_t x = lo; x < hi; ++x) {
-      const int64_t k = x - fx;
-      o[x] = static_cast<T>(w00 * static_cast<A>(p0[k]) + w01 * static_cast<A>(p0[k - 1]) +
-                            w10 * static_cast<A>(p1[k]) + w11 * static_cast<A>(p1[k - 1]));
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t ox = (x - fx) & 1;
+      o[x] = static_cast<T>((ox ? wy1 : wy0) * p[((x - fx - ox) >> 1) - k0]);
     }
-    for (int64_t x = hi; x < W; ++x) o[x] = static_cast<T>(adjoint_at<S>(v, q, c, y, x));
   }
 }
 
-// Adds this plane's shift-gradient (sum over the output pixels) to sy, sx.
+// Adds this plane's shift gradient (sum over the output pixels, ASL Eq. 8 differentiated) to sy, sx; `col` holds
+// per-column partial sums (4 * Wo), so the only horizontal reduction is one per plane.
 template <int S, typename T, typename A>
 void shift_grad_plane(const T* g, const T* x, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
-                      int64_t c, const T* zeros, double& sy, double& sx) {
-  const View<T, A> v{x, H, W, W, 1};
-  const int64_t fy = q.fy[c], fx = q.fx[c];
+                      int64_t c, RowCache<T, A>& pad, std::vector<A>& col, double& sy, double& sx) {
+  const int64_t fy = q.fy[c];
   const A a = q.a[c], b = q.b[c];
-  const auto [lo, hi] = interior(fx, W, Wo, S);
+  pad.reset(x, H, W, q.fx[c], (Wo - 1) * S + 2);
+  col.assign(4 * Wo, A(0));
+  A* __restrict__ d13 = col.data();
+  A* __restrict__ d24 = d13 + Wo;
+  A* __restrict__ d12 = d24 + Wo;
+  A* __restrict__ d34 = d12 + Wo;
   for (int64_t i = 0; i < Ho; ++i) {
-    const int64_t r = i * S + fy;
-    const T* p0 = (r >= 0 && r < H) ? x + r * W : zeros;
-    const T* p1 = (r + 1 >= 0 && r + 1 < H) ? x + (r + 1) * W : zeros;
+    const A* p0 = pad.row(i * S + fy);
+    const A* p1 = pad.row(i * S + fy + 1);
     const T* gr = g + i * Wo;
-    A ry(0), rx(0);
-    for (int64_t j = 0; j < lo; ++j) shift_grad_at<S>(v, q, c, i, j, static_cast<A>(gr[j]), ry, rx);
-    for (int64_t j = hi; j < Wo; ++j) shift_grad_at<S>(v, q, c, i, j, static_cast<A>(gr[j]), ry, rx);
-    A d13(0), d24(0), d12(0), d34(0);
-#pragma omp simd reduction(+ : d13, d24, d12, d34)
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t k = j * S + fx;
+#pragma omp simd
+    for (int64_t j = 0; j < Wo; ++j) {
       const A gv = static_cast<A>(gr[j]);
-      const A z1 = static_cast<A>(p0[k]), z2 = static_cast<A>(p0[k + 1]);
-      const A z3 = static_cast<A>(p1[k]), z4 = static_cast<A>(p1[k + 1]);
-      d13 += gv * (z3 - z1);
-      d24 += gv * (z4 - z2);
-      d12 += gv * (z2 - z1);
-      d34 += gv * (z4 - z3);
+      const A z1 = p0[j * S], z2 = p0[j * S + 1], z3 = p1[j * S], z4 = p1[j * S + 1];
+      d13[j] += gv * (z3 - z1);
+      d24[j] += gv * (z4 - z2);
+      d12[j] += gv * (z2 - z1);
+      d34[j] += gv * (z4 - z3);
     }
-    sy += static_cast<double>(ry + (1 - b) * d13 + b * d24);
-    sx += static_cast<double>(rx + (1 - a) * d12 + a * d34);
   }
+  A s13(0), s24(0), s12(0), s34(0);
+  for (int64_t j = 0; j < Wo; ++j) {
+    s13 += d13[j];
+    s24 += d24[j];
+    s12 += d12[j];
+    s34 += d34[j];
+  }
+  sy += static_cast<double>((1 - b) * s13 + b * s24);
+  sx += static_cast<double>((1 - a) * s12 + a * s34);
 }
 
 // channels_last: per output pixel, each channel reads its own four corners. Pixels whose corners lie inside
@@ -533,9 +605,6 @@ template <int S, typename T, typename A>
 void bilinear_forward_nhwc(const T* x, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                            const Bilinear<A>& q) {
   const Offsets<A> off(q, W * C, C, 1);
-  const auto [jlo, jhi] = interior(0, W, Wo, S);  // anchor columns; shifted below by the channel extremes
-  (void)jlo;
-  (void)jhi;
   parallel(N * Ho, Wo * C, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n = p / Ho, i = p % Ho;
@@ -679,10 +748,10 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
         bilinear_forward_nhwc<S>(xp, op, N, C, H, W, Ho, Wo, q);
         return;
       }
-      const std::vector<scalar_t> zeros(W, scalar_t(0));
       parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
+        RowCache<scalar_t, A> pad;
         for (int64_t p = begin; p < end; ++p)
-          bilinear_forward_plane<S>(xp + p * H * W, op + p * Ho * Wo, H, W, Ho, Wo, q, p % C, zeros.data());
+          bilinear_forward_plane<S>(xp + p * H * W, op + p * Ho * Wo, H, W, Ho, Wo, q, p % C, pad);
       });
     });
   });
@@ -735,27 +804,33 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (want_gs) shift_grad_nhwc<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
-      const std::vector<scalar_t> zeros(std::max(W, Wo), scalar_t(0));
-      parallel(C, N * (want_gx + want_gs) * H * W, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          double sy = 0, sx = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            const int64_t p = n * C + c;
+      // planes in memory order; the input gradient and the shift gradient are two passes (measured faster here
+      // than one fused pass over both); per-plane shift gradients are summed over n afterwards (deterministic)
+      std::vector<double> plane_acc(want_gs ? N * C * 2 : 0, 0.0);
+      if (want_gx) {
+        parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
+          RowCache<scalar_t, A> pad;
+          for (int64_t p = begin; p < end; ++p) {
             const scalar_t* gpl = gp + p * Ho * Wo;
-            if (want_gx && args.integer_adjoint) {
-              for (int64_t y = 0; y < H; ++y) {
-                const int64_t r = m.rows[c].source(y);
-                move_row(gxp + p * H * W + y * W, W, r >= 0 ? gpl + r * Wo : nullptr, m.cols[c]);
-              }
-            } else if (want_gx) {
-              bilinear_adjoint_plane<S>(gpl, gxp + p * H * W, H, W, Ho, Wo, q_gx, c, zeros.data());
+            if (args.integer_adjoint) {
+              move_plane(gpl, gxp + p * H * W, m, p % C);
+            } else {
+              bilinear_adjoint_plane<S>(gpl, gxp + p * H * W, H, W, Ho, Wo, q_gx, p % C, pad);
             }
-            if (want_gs) shift_grad_plane<S>(gpl, xp + p * H * W, H, W, Ho, Wo, q_gs, c, zeros.data(), sy, sx);
           }
-          acc[2 * c] = sy;
-          acc[2 * c + 1] = sx;
-        }
-      });
+        });
+      }
+      if (want_gs) {
+        parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
+          RowCache<scalar_t, A> pad;
+          std::vector<A> col;
+          for (int64_t p = begin; p < end; ++p)
+            shift_grad_plane<S>(gp + p * Ho * Wo, xp + p * H * W, H, W, Ho, Wo, q_gs, p % C, pad, col,
+                                plane_acc[2 * p], plane_acc[2 * p + 1]);
+        });
+      }
+      for (int64_t n = 0; n < static_cast<int64_t>(plane_acc.size()) / (2 * C); ++n)
+        for (int64_t k = 0; k < 2 * C; ++k) acc[k] += plane_acc[n * 2 * C + k];
     });
     if (want_gs) gs = finish_shift_grad<A>(gs_acc, args.shifts);
   });
