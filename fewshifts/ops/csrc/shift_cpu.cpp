@@ -9,8 +9,7 @@
 // not also contiguous, else NCHW); the output has the same format. NCHW kernels work plane by plane, row by
 // row (memcpy / vectorisable loops); channels_last kernels work pixel by pixel over runs of channels that share
 // a displacement (integer) or over channels with per-channel offsets (bilinear).
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -21,6 +20,8 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include <torch/python.h>  // pybind11 and the Tensor type caster (lighter than torch/extension.h)
 
 namespace {
 
@@ -737,7 +738,7 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
   const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
   Tensor out = new_output(x, Ho, Wo, cl);
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bilinear_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bilinear_forward", [&] {
     using A = at::opmath_type<scalar_t>;
     const Bilinear<A> q(shifts);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -776,7 +777,7 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
   Tensor gx = want_gx ? new_output(g, H, W, cl) : Tensor();
   Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
   Tensor gs;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "bilinear_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "bilinear_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     // the reference computes the shift gradient from shifts cast to its accumulation type
     const Tensor gs_shifts = want_gs ? args.shifts.to(c10::CppTypeToScalarType<A>::value) : Tensor();
