@@ -397,7 +397,6 @@ template <typename A>
 struct Bilinear {
   std::vector<int64_t> fy, fx;
   std::vector<A> a, b, w00, w01, w10, w11;
-  int64_t fy_min = 0, fy_max = 0, fx_min = 0, fx_max = 0;
 
   explicit Bilinear(const Tensor& shifts) {
     const Tensor s = shifts.to(at::kDouble).contiguous();
@@ -415,58 +414,8 @@ struct Bilinear {
       w10.push_back(static_cast<A>(ay * (1 - bx)));
       w11.push_back(static_cast<A>(ay * bx));
     }
-    if (C > 0) {
-      fy_min = *std::min_element(fy.begin(), fy.end());
-      fy_max = *std::max_element(fy.begin(), fy.end());
-      fx_min = *std::min_element(fx.begin(), fx.end());
-      fx_max = *std::max_element(fx.begin(), fx.end());
-    }
   }
 };
-
-// One channel of an image, p[r * rs + c * cs] for (r, c) in [0, h) x [0, w), zero outside.
-template <typename T, typename A>
-struct View {
-  const T* p;
-  int64_t h, w, rs, cs;
-  A at(int64_t r, int64_t c) const {
-    return (r >= 0 && r < h && c >= 0 && c < w) ? static_cast<A>(p[r * rs + c * cs]) : A(0);
-  }
-};
-
-// Forward value at output (i, j) for channel c.
-template <int S, typename T, typename A>
-A forward_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t i, int64_t j) {
-  const int64_t r = i * S + q.fy[c], k = j * S + q.fx[c];
-  return q.w00[c] * v.at(r, k) + q.w01[c] * v.at(r, k + 1) + q.w10[c] * v.at(r + 1, k) + q.w11[c] * v.at(r + 1, k + 1);
-}
-
-// Adjoint (input gradient) value at input (y, x) for channel c, from the output gradient view v.
-template <int S, typename T, typename A>
-A adjoint_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t y, int64_t x) {
-  const A w[2][2] = {{q.w00[c], q.w01[c]}, {q.w10[c], q.w11[c]}};
-  A sum(0);
-  for (int oy = 0; oy < 2; ++oy) {
-    const int64_t t = y - q.fy[c] - oy;
-    if (t < 0 || t % S != 0) continue;
-    for (int ox = 0; ox < 2; ++ox) {
-      const int64_t u = x - q.fx[c] - ox;
-      if (u < 0 || u % S != 0) continue;
-      sum += w[oy][ox] * v.at(t / S, u / S);
-    }
-  }
-  return sum;
-}
-
-// Shift-gradient terms at output (i, j): g * d out / d dy and g * d out / d dx (ASL Eq. 8 differentiated).
-template <int S, typename T, typename A>
-void shift_grad_at(const View<T, A>& v, const Bilinear<A>& q, int64_t c, int64_t i, int64_t j, A g, A& sy, A& sx) {
-  const int64_t r = i * S + q.fy[c], k = j * S + q.fx[c];
-  const A z1 = v.at(r, k), z2 = v.at(r, k + 1), z3 = v.at(r + 1, k), z4 = v.at(r + 1, k + 1);
-  const A a = q.a[c], b = q.b[c];
-  sy += g * ((1 - b) * (z3 - z1) + b * (z4 - z2));
-  sx += g * ((1 - a) * (z2 - z1) + a * (z4 - z3));
-}
 
 // Padded rows of one NCHW plane in the accumulation type: row(r) holds source columns k0 .. k0+L-1 of row r, zero
 // outside the image (rows outside [0, h) are a shared zero row). Rows are filled on first use into a ring of four
@@ -592,85 +541,121 @@ void shift_grad_plane(const T* g, const T* x, int64_t H, int64_t W, int64_t Ho, 
   sx += static_cast<double>((1 - a) * s12 + a * s34);
 }
 
-// channels_last: per output pixel, each channel reads its own four corners. Pixels whose corners lie inside
-// the image for every channel use precomputed offsets; the others go through the checked View.
+// channels_last: channels are taken in blocks of kBlock; for each block, the distinct corner displacements
+// (fy + oy, fx + ox) used by its channels are listed with per-lane coefficients and a per-lane mask (lanes whose
+// channel does not use the displacement read 0, never 0 * x, so inf/nan stay where the reference puts them).
+// A pixel then costs one contiguous, vectorised multiply-add per listed displacement that lies inside the image;
+// with shifts in [-1, 1) a block lists at most 9 displacements.
+constexpr int64_t kBlock = 16;
+
 template <typename A>
-struct Offsets {  // element offsets of corner (0, 0) relative to the anchor pixel, per channel
-  std::vector<int64_t> o;
-  Offsets(const Bilinear<A>& q, int64_t row_stride, int64_t C, int64_t sign) {
-    for (int64_t c = 0; c < C; ++c) o.push_back(sign * (q.fy[c] * row_stride + q.fx[c] * C) + c);
+struct Displacements {
+  struct Entry {
+    int64_t dy, dx, at;  // displacement, offset of its lanes in coef/mask
+  };
+  struct Block {
+    int64_t c0, len;
+    std::vector<Entry> entries;
+  };
+  std::vector<Block> blocks;
+  std::vector<A> coef[2];  // coefficient sets (forward/adjoint weights; or d/d dy and d/d dx terms)
+  std::vector<A> mask;  // 1 where the lane's channel uses the displacement
+
+  // corner_coef(c, oy, ox, set) gives the coefficient of corner (oy, ox) of channel c in coefficient set `set`
+  template <typename F>
+  Displacements(const Bilinear<A>& q, int64_t C, int sets, const F& corner_coef) {
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      Block blk{c0, std::min(kBlock, C - c0), {}};
+      for (int64_t k = 0; k < blk.len; ++k)
+        for (int oy = 0; oy < 2; ++oy)
+          for (int ox = 0; ox < 2; ++ox) {
+            const int64_t c = c0 + k, dy = q.fy[c] + oy, dx = q.fx[c] + ox;
+            auto it = std::find_if(blk.entries.begin(), blk.entries.end(),
+                                   [&](const Entry& e) { return e.dy == dy && e.dx == dx; });
+            if (it == blk.entries.end()) {
+              blk.entries.push_back({dy, dx, static_cast<int64_t>(mask.size())});
+              mask.resize(mask.size() + kBlock, A(0));
+              for (int t = 0; t < sets; ++t) coef[t].resize(mask.size(), A(0));
+              it = blk.entries.end() - 1;
+            }
+            mask[it->at + k] = A(1);
+            for (int t = 0; t < sets; ++t) coef[t][it->at + k] = corner_coef(c, oy, ox, t);
+          }
+      blocks.push_back(std::move(blk));
+    }
   }
 };
 
-template <int S, typename T, typename A>
-void bilinear_forward_nhwc(const T* x, T* out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                           const Bilinear<A>& q) {
-  const Offsets<A> off(q, W * C, C, 1);
-  parallel(N * Ho, Wo * C, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / Ho, i = p % Ho;
-      const T* xn = x + n * H * W * C;
-      const bool row_in = i * S + q.fy_min >= 0 && i * S + q.fy_max + 1 <= H - 1;
-      for (int64_t j = 0; j < Wo; ++j) {
-        T* o = out + (p * Wo + j) * C;
-        if (row_in && j * S + q.fx_min >= 0 && j * S + q.fx_max + 1 <= W - 1) {
-          const T* base = xn + (i * S * W + j * S) * C;
-          const int64_t* oo = off.o.data();
+template <typename A>
+A corner_weight(const Bilinear<A>& q, int64_t c, int oy, int ox) {
+  return oy ? (ox ? q.w11[c] : q.w10[c]) : (ox ? q.w01[c] : q.w00[c]);
+}
+
+// acc[k] += coef[k] * (mask[k] ? z[k] : 0) for the lanes of one block (full blocks unrolled at compile time);
+// z is loaded unconditionally (it lies inside the pixel) so that the select vectorises as a blend.
+template <typename T, typename A>
+inline void madd(A* __restrict__ acc, const A* __restrict__ coef, const A* __restrict__ mask,
+                 const T* __restrict__ z, int64_t len) {
+  if (len == kBlock) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T* z = base + oo[c];
-            o[c] = static_cast<T>(q.w00[c] * static_cast<A>(z[0]) + q.w01[c] * static_cast<A>(z[C]) +
-                                  q.w10[c] * static_cast<A>(z[W * C]) + q.w11[c] * static_cast<A>(z[W * C + C]));
+    for (int64_t k = 0; k < kBlock; ++k) {
+      const A v = static_cast<A>(z[k]);
+      acc[k] += coef[k] * (mask[k] != A(0) ? v : A(0));
+    }
+  } else {
+    for (int64_t k = 0; k < len; ++k) {
+      const A v = static_cast<A>(z[k]);
+      acc[k] += coef[k] * (mask[k] != A(0) ? v : A(0));
+    }
+  }
+}
+
+// Forward (adjoint=false): out pixel (i, j) reads x at (i*S + dy, j*S + dx).
+// Adjoint (adjoint=true): gx pixel (y, x) reads g at ((y - dy) / S, (x - dx) / S) when divisible.
+template <int S, bool Adjoint, typename T, typename A>
+void bilinear_nhwc(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Hd, int64_t Wd,
+                   const Displacements<A>& d) {
+  parallel(N * Hd, Wd * C, [&](int64_t begin, int64_t end) {
+    A acc[kBlock];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / Hd, y = p % Hd;
+      const T* sn = src + n * Hs * Ws * C;
+      for (int64_t x = 0; x < Wd; ++x) {
+        T* o = dst + (p * Wd + x) * C;
+        for (const auto& blk : d.blocks) {
+          std::fill(acc, acc + kBlock, A(0));
+          for (const auto& e : blk.entries) {
+            int64_t r, k;
+            if (Adjoint) {
+              const int64_t ty = y - e.dy, tx = x - e.dx;
+              if (ty < 0 || tx < 0 || ty % S != 0 || tx % S != 0) continue;
+              r = ty / S;
+              k = tx / S;
+            } else {
+              r = y * S + e.dy;
+              k = x * S + e.dx;
+            }
+            if (r < 0 || r >= Hs || k < 0 || k >= Ws) continue;
+            madd(acc, &d.coef[0][e.at], &d.mask[e.at], sn + (r * Ws + k) * C + blk.c0, blk.len);
           }
-        } else {
-          for (int64_t c = 0; c < C; ++c)
-            o[c] = static_cast<T>(forward_at<S>(View<T, A>{xn + c, H, W, W * C, C}, q, c, i, j));
+          for (int64_t k = 0; k < blk.len; ++k) o[blk.c0 + k] = static_cast<T>(acc[k]);
         }
       }
     }
   });
 }
 
-template <int S, typename T, typename A>
-void bilinear_adjoint_nhwc(const T* g, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                           const Bilinear<A>& q) {
-  const Offsets<A> off(q, Wo * C, C, -1);
-  parallel(N * H, W * C, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / H, y = p % H;
-      const T* gn = g + n * Ho * Wo * C;
-      const bool row_in = S == 1 && y - q.fy_max - 1 >= 0 && y - q.fy_min <= Ho - 1;
-      for (int64_t x = 0; x < W; ++x) {
-        T* o = gx + (p * W + x) * C;
-        if (row_in && x - q.fx_max - 1 >= 0 && x - q.fx_min <= Wo - 1) {
-          const T* base = gn + (y * Wo + x) * C;
-          const int64_t* oo = off.o.data();
-          const int64_t R = Wo * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T* z = base + oo[c];
-            o[c] = static_cast<T>(q.w00[c] * static_cast<A>(z[0]) + q.w01[c] * static_cast<A>(z[-C]) +
-                                  q.w10[c] * static_cast<A>(z[-R]) + q.w11[c] * static_cast<A>(z[-R - C]));
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c)
-            o[c] = static_cast<T>(adjoint_at<S>(View<T, A>{gn + c, Ho, Wo, Wo * C, C}, q, c, y, x));
-        }
-      }
-    }
-  });
-}
-
-// Shift gradient, channels_last: rows are split into fixed chunks, each with its own accumulators (deterministic).
+// Shift gradient, channels_last: per output pixel, t_dy = sum of the d/d dy corner terms (set 0) and t_dx (set 1),
+// accumulated as g * t per channel; rows are split into fixed chunks with their own accumulators (deterministic).
 template <int S, typename T, typename A>
 void shift_grad_nhwc(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                     const Bilinear<A>& q, double* out) {
-  const Offsets<A> off(q, W * C, C, 1);
+                     const Displacements<A>& d, double* out) {
   const int64_t rows = N * Ho;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
   std::vector<double> acc(chunks * 2 * C, 0.0);
   parallel(chunks, rows * Wo * C / chunks, [&](int64_t cbegin, int64_t cend) {
     std::vector<A> ry(C), rx(C);
+    A ty[kBlock], tx[kBlock];
     for (int64_t ch = cbegin; ch < cend; ++ch) {
       double* sy = &acc[ch * 2 * C];
       double* sx = sy + C;
@@ -679,26 +664,25 @@ void shift_grad_nhwc(const T* g, const T* x, int64_t N, int64_t C, int64_t H, in
         const T* xn = x + n * H * W * C;
         std::fill(ry.begin(), ry.end(), A(0));
         std::fill(rx.begin(), rx.end(), A(0));
-        const bool row_in = i * S + q.fy_min >= 0 && i * S + q.fy_max + 1 <= H - 1;
         for (int64_t j = 0; j < Wo; ++j) {
           const T* gp = g + (p * Wo + j) * C;
-          if (row_in && j * S + q.fx_min >= 0 && j * S + q.fx_max + 1 <= W - 1) {
-            const T* base = xn + (i * S * W + j * S) * C;
-            const int64_t* oo = off.o.data();
-            A* __restrict__ py = ry.data();
-            A* __restrict__ px = rx.data();
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const T* z = base + oo[c];
-              const A z1 = static_cast<A>(z[0]), z2 = static_cast<A>(z[C]);
-              const A z3 = static_cast<A>(z[W * C]), z4 = static_cast<A>(z[W * C + C]);
-              const A gv = static_cast<A>(gp[c]), a = q.a[c], b = q.b[c];
-              py[c] += gv * ((1 - b) * (z3 - z1) + b * (z4 - z2));
-              px[c] += gv * ((1 - a) * (z2 - z1) + a * (z4 - z3));
+          for (const auto& blk : d.blocks) {
+            std::fill(ty, ty + kBlock, A(0));
+            std::fill(tx, tx + kBlock, A(0));
+            for (const auto& e : blk.entries) {
+              const int64_t r = i * S + e.dy, k = j * S + e.dx;
+              if (r < 0 || r >= H || k < 0 || k >= W) continue;
+              const T* z = xn + (r * W + k) * C + blk.c0;
+              madd(ty, &d.coef[0][e.at], &d.mask[e.at], z, blk.len);
+              madd(tx, &d.coef[1][e.at], &d.mask[e.at], z, blk.len);
             }
-          } else {
-            for (int64_t c = 0; c < C; ++c)
-              shift_grad_at<S>(View<T, A>{xn + c, H, W, W * C, C}, q, c, i, j, static_cast<A>(gp[c]), ry[c], rx[c]);
+            A* __restrict__ py = ry.data() + blk.c0;
+            A* __restrict__ px = rx.data() + blk.c0;
+            const T* gb = gp + blk.c0;
+            for (int64_t k = 0; k < blk.len; ++k) {
+              py[k] += static_cast<A>(gb[k]) * ty[k];
+              px[k] += static_cast<A>(gb[k]) * tx[k];
+            }
           }
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -713,6 +697,21 @@ void shift_grad_nhwc(const T* g, const T* x, int64_t N, int64_t C, int64_t H, in
       out[2 * c] += acc[ch * 2 * C + c];
       out[2 * c + 1] += acc[ch * 2 * C + C + c];
     }
+}
+
+template <typename A>
+Displacements<A> weight_displacements(const Bilinear<A>& q, int64_t C) {
+  return Displacements<A>(q, C, 1, [&](int64_t c, int oy, int ox, int) { return corner_weight(q, c, oy, ox); });
+}
+
+// d out / d dy = (1-b)(Z3 - Z1) + b(Z4 - Z2), d out / d dx = (1-a)(Z2 - Z1) + a(Z4 - Z3), as corner coefficients
+template <typename A>
+Displacements<A> shift_grad_displacements(const Bilinear<A>& q, int64_t C) {
+  return Displacements<A>(q, C, 2, [&](int64_t c, int oy, int ox, int set) {
+    const A a = q.a[c], b = q.b[c];
+    if (set == 0) return (oy ? A(1) : A(-1)) * (ox ? b : 1 - b);
+    return (ox ? A(1) : A(-1)) * (oy ? a : 1 - a);
+  });
 }
 
 // Rounds a double result to the accumulation type of the reference (float32 unless x is float64).
@@ -746,7 +745,7 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
     with_stride(stride, [&](auto s) {
       constexpr int S = decltype(s)::value;
       if (cl) {
-        bilinear_forward_nhwc<S>(xp, op, N, C, H, W, Ho, Wo, q);
+        bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, weight_displacements(q, C));
         return;
       }
       parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
@@ -801,8 +800,9 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
       constexpr int S = decltype(s)::value;
       if (cl) {
         if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
-        if (want_gx && !args.integer_adjoint) bilinear_adjoint_nhwc<S>(gp, gxp, N, C, H, W, Ho, Wo, q_gx);
-        if (want_gs) shift_grad_nhwc<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
+        if (want_gx && !args.integer_adjoint)
+          bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, weight_displacements(q_gx, C));
+        if (want_gs) shift_grad_nhwc<S>(gp, xp, N, C, H, W, Ho, Wo, shift_grad_displacements(q_gs, C), acc);
         return;
       }
       // planes in memory order; the input gradient and the shift gradient are two passes (measured faster here
