@@ -134,6 +134,25 @@ def test_bilinear_kernels_match_reference(kernels, case):
     assert torch.equal(fused_gx, gx) and torch.equal(fused_gs, gs)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bilinear_non_finite_like_reference(kernels, layout):
+    """inf/nan reach exactly the outputs the reference sends them to (0 * inf = nan only at a channel's own corners,
+    zero outside the image)."""
+    x = torch.randn(2, 20, 6, 7)
+    x[0, :, 2, 3] = float("inf")
+    x[1, :, 0, 0] = float("nan")
+    x = _layout(x, layout)
+    real = torch.rand(20, 2) * 4 - 2
+    real[:5] = torch.round(real[:5])  # integral shifts: three corner weights are 0
+    grad = _layout(torch.randn(2, 20, 6, 7), layout)
+    torch.testing.assert_close(kernels.bilinear_forward(x, real, 1), reference.bilinear_forward(x, real, 1),
+                               equal_nan=True)
+    gx, gs = kernels.bilinear_backward(grad, x, real, 1)
+    ref_gx, ref_gs = reference.bilinear_backward(grad, x, real, 1)
+    torch.testing.assert_close(gx, ref_gx, equal_nan=True)
+    assert torch.equal(gs.isnan(), ref_gs.isnan())
+
+
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
 def test_sparse_backward_matches_its_parts(kernels, case):
     x, _, real, grad = _inputs(case)
