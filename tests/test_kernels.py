@@ -134,6 +134,20 @@ def test_bilinear_kernels_match_reference(kernels, case):
     assert torch.equal(fused_gx, gx) and torch.equal(fused_gs, gs)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [320, 20])
+def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
+    """channels_last copies runs of channels sharing a shift (grouped shifts, 320 channels: runs of 35) or, for
+    short runs (20 channels: runs of 2), channel by channel; both against the reference."""
+    x = torch.randn(2, channels, 5, 6).contiguous(memory_format=torch.channels_last)
+    shifts = fs.grouped_shifts(channels)
+    out = kernels.shift_forward(x, shifts, stride)
+    assert torch.equal(out, reference.shift_forward(x, shifts, stride))
+    g = torch.randn_like(out)
+    ref = reference.shift_backward(g, shifts, stride, 5, 6)
+    assert torch.equal(kernels.shift_backward(g, shifts, stride, 5, 6), ref)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bilinear_non_finite_like_reference(kernels, layout):
     """inf/nan reach exactly the outputs the reference sends them to (0 * inf = nan only at a channel's own corners,

@@ -201,11 +201,49 @@ std::vector<Run> runs_of(const Move& m) {
   return runs;
 }
 
+// channels_last with per-channel shifts (short runs, e.g. rounded learned shifts): one element per channel, each
+// from its own offset. Needs every axis map to be affine (o -> o*step + base on [lo, hi)): the forward movement
+// and the stride-1 adjoint. Pixels where every channel reads inside the image skip the per-channel checks.
+template <typename T>
+bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
+  const int64_t C = m.C, step = m.rows[0].sstep;
+  std::vector<int64_t> rlo(C), rhi(C), rb(C), clo(C), chi(C), cb(C), off(C);
+  int64_t y0 = 0, y1 = m.Hd, x0 = 0, x1 = m.Wd;
+  for (int64_t c = 0; c < C; ++c) {
+    const Seg &r = m.rows[c], &k = m.cols[c];
+    if (r.ostep != 1 || k.ostep != 1 || r.sstep != step || k.sstep != step) return false;
+    rlo[c] = r.o0, rhi[c] = r.o0 + r.count, rb[c] = r.s0 - r.o0 * step;
+    clo[c] = k.o0, chi[c] = k.o0 + k.count, cb[c] = k.s0 - k.o0 * step;
+    off[c] = (rb[c] * m.Ws + cb[c]) * C + c;
+    y0 = std::max(y0, rlo[c]), y1 = std::min(y1, rhi[c]), x0 = std::max(x0, clo[c]), x1 = std::min(x1, chi[c]);
+  }
+  parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / m.Hd, y = q % m.Hd;
+      const T* sn = src + n * m.Hs * m.Ws * C;
+      T* d = dst + q * m.Wd * C;
+      for (int64_t x = 0; x < m.Wd; ++x, d += C) {
+        const T* anchor = sn + (y * step * m.Ws + x * step) * C;
+        if (y >= y0 && y < y1 && x >= x0 && x < x1) {
+          for (int64_t c = 0; c < C; ++c) d[c] = anchor[off[c]];
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const bool in = y >= rlo[c] && y < rhi[c] && x >= clo[c] && x < chi[c];
+            d[c] = in ? anchor[off[c]] : T(0);
+          }
+        }
+      }
+    }
+  });
+  return true;
+}
+
 // channels_last: each output pixel is a sequence of runs, each copied from its own source pixel or zero-filled.
 template <typename T>
 void move_nhwc(const T* src, T* dst, const Move& m) {
   const std::vector<Run> runs = runs_of(m);
   const int64_t R = static_cast<int64_t>(runs.size()), C = m.C;
+  if (C < 32 * R && move_nhwc_channels(src, dst, m)) return;  // runs shorter than 32 channels on average
   std::vector<int64_t> col_src(m.Wd * R);  // source column of each (output column, run), -1 for zero
   for (int64_t x = 0; x < m.Wd; ++x)
     for (int64_t r = 0; r < R; ++r) col_src[x * R + r] = m.cols[runs[r].c0].source(x);
