@@ -7,8 +7,9 @@
 //
 // Layouts: the input is made contiguous in its own memory format (channels_last when it is channels_last and
 // not also contiguous, else NCHW); the output has the same format. NCHW kernels work plane by plane, row by
-// row (memcpy / vectorisable loops); channels_last kernels work pixel by pixel over runs of channels that share
-// a displacement (integer) or over channels with per-channel offsets (bilinear).
+// row (memcpy / vectorisable loops over padded rows); channels_last kernels work pixel by pixel, over runs of
+// channels that share a displacement or channel by channel (integer), or over per-block lists of the corner
+// displacements in use (bilinear). All are parallel over planes or rows (at::parallel_for).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
