@@ -1,7 +1,9 @@
 """Loader of the C++ CPU kernels (``csrc/shift_cpu.cpp``), JIT-compiled once with torch.utils.cpp_extension.
 
-The compiled module exposes the same five functions as :mod:`fewshifts.ops.reference`, with the same
-arguments and results. If it cannot be built (no compiler, no headers), :func:`load` warns once, in one
+The compiled module exposes the same kernel functions as :mod:`fewshifts.ops.reference` (``shift_forward``,
+``shift_backward``, ``shift_inplace``, ``bilinear_forward``, ``bilinear_backward_input``,
+``bilinear_backward_shifts`` and the fused ``bilinear_backward``, ``sparse_backward``), with the same arguments
+and results. If it cannot be built (no compiler, no headers), :func:`load` warns once, in one
 line, and returns ``None`` so that callers fall back to the reference kernels.
 """
 

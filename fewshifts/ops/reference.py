@@ -144,6 +144,20 @@ def bilinear_backward_shifts(grad_out: Tensor, x: Tensor, shifts: Tensor, stride
     return torch.stack([gy, gx], dim=1).to(shifts.dtype)
 
 
+def bilinear_backward(grad_out: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """Both gradients of :func:`bilinear_forward`: (input, shifts). The C++ path computes them in one call."""
+    H, W = x.shape[-2:]
+    return (bilinear_backward_input(grad_out, shifts, stride, H, W),
+            bilinear_backward_shifts(grad_out, x, shifts, stride))
+
+
+def sparse_backward(grad_out: Tensor, x: Tensor, rounded: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """Gradients of the quantization-aware shift (SSL Eq. 6-7): the inverse integer shift by ``rounded`` for the
+    input, the bilinear shift-gradient at the real-valued ``shifts`` for the shifts."""
+    H, W = x.shape[-2:]
+    return shift_backward(grad_out, rounded, stride, H, W), bilinear_backward_shifts(grad_out, x, shifts, stride)
+
+
 def shift_inplace(x: Tensor, shifts: Tensor) -> None:
     """Integer shift (stride 1) of ``x`` in place, touching only channels whose shift is not (0, 0).
 

@@ -189,8 +189,7 @@ def _active_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: in
     kernels = kernels_for(x)
     s = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride).detach().cpu()
     grad = grad.contiguous(memory_format=_format_of(x))
-    grad_x = kernels.bilinear_backward_input(grad, s, stride, x.shape[2], x.shape[3])
-    grad_shifts = kernels.bilinear_backward_shifts(grad, x, s, stride)
+    grad_x, grad_shifts = kernels.bilinear_backward(grad, x, s, stride)
     return grad_x, grad_shifts.to(shifts.device)
 
 
@@ -245,9 +244,8 @@ def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: in
     kernels = kernels_for(x)
     grad = grad.contiguous(memory_format=_format_of(x))
     rounded = _clamp_to_image(round_shifts(shifts), x.shape[2], x.shape[3], stride).cpu()
-    grad_x = kernels.shift_backward(grad, rounded, stride, x.shape[2], x.shape[3])
     real = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride).detach().cpu()
-    grad_shifts = kernels.bilinear_backward_shifts(grad, x, real, stride)
+    grad_x, grad_shifts = kernels.sparse_backward(grad, x, rounded, real, stride)
     return grad_x, grad_shifts.to(shifts.device)
 
 

@@ -1,0 +1,292 @@
+"""The C++ CPU kernels against the reference kernels, and the choice between them (FEWSHIFTS_BACKEND, fallback).
+
+Integer kernels only move data, so they must agree exactly; bilinear kernels agree within rounding. The semantic
+oracles (depthwise conv, gradcheck, opcheck) live in test_ops.py and run on whichever path is active.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+import fewshifts as fs
+from fewshifts import ops
+from fewshifts.ops import backend, cpp, reference
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+LAYOUTS = ("nchw", "channels_last", "strided")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    try:
+        return cpp.load(required=True)
+    except RuntimeError as exc:
+        pytest.skip(f"C++ kernels cannot be built here: {exc}")
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # neither format: every other column of a wider tensor
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+def _cases(count: int, seed: int) -> list[tuple]:
+    """Random (shape, stride, layout, dtype, seed); small shapes incl. 1-pixel sides, and two shapes big enough to
+    be split over threads."""
+    rng = random.Random(seed)
+    cases = []
+    for k in range(count):
+        shape = (rng.randint(1, 3), rng.randint(1, 11), rng.randint(1, 9), rng.randint(1, 9))
+        cases.append((shape, rng.choice((1, 2)), LAYOUTS[k % 3], DTYPES[(k // 3) % 3], rng.randrange(1 << 30)))
+    for layout in ("nchw", "channels_last"):
+        cases.append(((3, 24, 31, 29), 1, layout, torch.float32, 7))
+        cases.append(((2, 20, 30, 33), 2, layout, torch.float32, 8))
+    return cases
+
+
+CASES = _cases(36, seed=0)
+
+
+def _case_id(case) -> str:
+    shape, stride, layout, dtype, _ = case
+    return f"{'x'.join(map(str, shape))}-s{stride}-{layout}-{str(dtype).split('.')[-1]}"
+
+
+def _inputs(case):
+    shape, stride, layout, dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    x = _layout(torch.randn(shape, generator=g).to(dtype), layout)
+    # integer shifts: small, zero, negative, and beyond the image on either side
+    shifts = torch.randint(-2, 3, (C, 2), generator=g)
+    shifts[0] = torch.tensor([H + 3, -(W + 2)])
+    if C > 1:
+        shifts[1] = 0
+    if C > 2:
+        shifts[2] = torch.tensor([-(2 * H + 1), W])
+    real_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    real = (torch.rand(C, 2, generator=g, dtype=torch.float64) * 5 - 2.5).to(real_dtype)
+    if C > 1:
+        real[1] = torch.tensor([-(H + 0.25), W + 0.5])
+    if C > 2:
+        real[2] = torch.tensor([1.0, -2.0])  # integral real shift: fractional parts 0
+    Ho, Wo = reference.output_size(H, stride), reference.output_size(W, stride)
+    grad = _layout(torch.randn(N, C, Ho, Wo, generator=g).to(dtype), layout)
+    return x, shifts, real, grad
+
+
+def _assert_same_format(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert reference._is_channels_last(a) == reference._is_channels_last(b)
+    fmt = torch.channels_last if reference._is_channels_last(b) else torch.contiguous_format
+    assert a.is_contiguous(memory_format=fmt)
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+            torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}[dtype]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_integer_kernels_match_reference_exactly(kernels, case):
+    x, shifts, _, grad = _inputs(case)
+    stride = case[1]
+    H, W = x.shape[2:]
+    for out, ref in [
+        (kernels.shift_forward(x, shifts, stride), reference.shift_forward(x, shifts, stride)),
+        (kernels.shift_backward(grad, shifts, stride, H, W), reference.shift_backward(grad, shifts, stride, H, W)),
+    ]:
+        _assert_same_format(out, ref)
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_bilinear_kernels_match_reference(kernels, case):
+    x, _, real, grad = _inputs(case)
+    stride, dtype = case[1], case[3]
+    H, W = x.shape[2:]
+    out, ref = kernels.bilinear_forward(x, real, stride), reference.bilinear_forward(x, real, stride)
+    _assert_same_format(out, ref)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+
+    gx, ref_gx = kernels.bilinear_backward_input(grad, real, stride, H, W), reference.bilinear_backward_input(
+        grad, real, stride, H, W)
+    _assert_same_format(gx, ref_gx)
+    torch.testing.assert_close(gx, ref_gx, **_tol(dtype))
+
+    # shift gradients are sums over N*Ho*Wo products: tolerance relative to the sum of their magnitudes
+    gs, ref_gs = kernels.bilinear_backward_shifts(grad, x, real, stride), reference.bilinear_backward_shifts(
+        grad, x, real, stride)
+    assert gs.dtype == ref_gs.dtype == real.dtype and gs.shape == real.shape
+    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / x.shape[1] + 1
+    eps = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+
+    fused_gx, fused_gs = kernels.bilinear_backward(grad, x, real, stride)
+    assert torch.equal(fused_gx, gx) and torch.equal(fused_gs, gs)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels", [320, 20])
+def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
+    """channels_last copies runs of channels sharing a shift (grouped shifts, 320 channels: runs of 35) or, for
+    short runs (20 channels: runs of 2), channel by channel; both against the reference."""
+    x = torch.randn(2, channels, 5, 6).contiguous(memory_format=torch.channels_last)
+    shifts = fs.grouped_shifts(channels)
+    out = kernels.shift_forward(x, shifts, stride)
+    assert torch.equal(out, reference.shift_forward(x, shifts, stride))
+    g = torch.randn_like(out)
+    ref = reference.shift_backward(g, shifts, stride, 5, 6)
+    assert torch.equal(kernels.shift_backward(g, shifts, stride, 5, 6), ref)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bilinear_non_finite_like_reference(kernels, layout):
+    """inf/nan reach exactly the outputs the reference sends them to (0 * inf = nan only at a channel's own corners,
+    zero outside the image)."""
+    x = torch.randn(2, 20, 6, 7)
+    x[0, :, 2, 3] = float("inf")
+    x[1, :, 0, 0] = float("nan")
+    x = _layout(x, layout)
+    real = torch.rand(20, 2) * 4 - 2
+    real[:5] = torch.round(real[:5])  # integral shifts: three corner weights are 0
+    grad = _layout(torch.randn(2, 20, 6, 7), layout)
+    torch.testing.assert_close(kernels.bilinear_forward(x, real, 1), reference.bilinear_forward(x, real, 1),
+                               equal_nan=True)
+    gx, gs = kernels.bilinear_backward(grad, x, real, 1)
+    ref_gx, ref_gs = reference.bilinear_backward(grad, x, real, 1)
+    torch.testing.assert_close(gx, ref_gx, equal_nan=True)
+    assert torch.equal(gs.isnan(), ref_gs.isnan())
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
+def test_sparse_backward_matches_its_parts(kernels, case):
+    x, _, real, grad = _inputs(case)
+    stride = case[1]
+    rounded = torch.round(real).long()
+    gx, gs = kernels.sparse_backward(grad, x, rounded, real, stride)
+    assert torch.equal(gx, reference.shift_backward(grad, rounded, stride, *x.shape[2:]))
+    assert torch.equal(gs, kernels.bilinear_backward_shifts(grad, x, real, stride))
+    ref_gx, _ = reference.sparse_backward(grad, x, rounded, real, stride)
+    assert torch.equal(gx, ref_gx)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == 1], ids=_case_id)
+def test_shift_inplace_matches_reference(kernels, case):
+    x, shifts, _, _ = _inputs(case)
+    shifts[(torch.arange(len(shifts)) % 3) == 1] = 0  # a share of unshifted channels
+    y, ref = x.clone(), x.clone()
+    if case[2] == "strided":
+        y, ref = _layout(x, "strided"), _layout(x, "strided")
+    ptr = y.data_ptr()
+    kernels.shift_inplace(y, shifts)
+    reference.shift_inplace(ref, shifts)
+    assert y.data_ptr() == ptr and torch.equal(y, ref)
+    still = (shifts == 0).all(dim=1)
+    assert torch.equal(y[:, still], x[:, still])
+
+
+def test_empty_batch(kernels):
+    x = torch.randn(0, 3, 5, 4)
+    shifts, real = torch.ones(3, 2, dtype=torch.long), torch.full((3, 2), 0.5)
+    assert kernels.shift_forward(x, shifts, 2).shape == (0, 3, 3, 2)
+    assert kernels.bilinear_forward(x, real, 1).shape == x.shape
+    assert torch.equal(kernels.bilinear_backward_shifts(x, x, real, 1), torch.zeros(3, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# public ops: identical under FEWSHIFTS_BACKEND=cpp and =reference
+
+
+def _run_public(op: str, x: torch.Tensor, shifts: torch.Tensor, stride: int):
+    x = x.detach().requires_grad_()
+    shifts = shifts.detach().requires_grad_(shifts.is_floating_point())
+    out = getattr(fs, op)(x, shifts, stride)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    out.backward(g)
+    return out.detach(), x.grad, shifts.grad
+
+
+@pytest.mark.parametrize("op", ["shift2d", "sparse_shift2d", "active_shift2d"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] == torch.float32][:6], ids=_case_id)
+def test_public_ops_same_on_both_backends(kernels, monkeypatch, op, case):
+    x, shifts, real, _ = _inputs(case)
+    s = shifts if op == "shift2d" else real
+    monkeypatch.setenv("FEWSHIFTS_BACKEND", "cpp")
+    assert backend.name_for(x) == "cpp"
+    fast = _run_public(op, x, s, case[1])
+    monkeypatch.setenv("FEWSHIFTS_BACKEND", "reference")
+    assert backend.name_for(x) == "reference"
+    slow = _run_public(op, x, s, case[1])
+    for a, b in zip(fast, slow):
+        if a is None or b is None:
+            assert a is None and b is None
+        elif op == "active_shift2d" or a.shape == s.shape:  # bilinear values and shift gradients: rounding
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_inplace_public_op_same_on_both_backends(kernels, monkeypatch):
+    x = torch.randn(2, 20, 7, 6).contiguous(memory_format=torch.channels_last)
+    shifts = fs.grouped_shifts(20)
+    results = []
+    for mode in ("cpp", "reference"):
+        monkeypatch.setenv("FEWSHIFTS_BACKEND", mode)
+        results.append(ops.shift2d_(x.clone(), shifts))
+    assert torch.equal(*results)
+    assert torch.equal(results[0], fs.shift2d(x, shifts))
+
+
+# ----------------------------------------------------------------------------------------------
+# backend selection and fallback
+
+
+@pytest.fixture
+def broken_build(monkeypatch, tmp_path):
+    """cpp pointed at a missing source, with its cached module and error cleared (restored afterwards)."""
+    monkeypatch.setattr(cpp, "_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(cpp, "_module", None)
+    monkeypatch.setattr(cpp, "_error", None)
+
+
+def test_fallback_warns_once_and_uses_reference(broken_build, monkeypatch):
+    monkeypatch.setenv("FEWSHIFTS_BACKEND", "auto")
+    x, shifts = torch.randn(2, 9, 5, 5), fs.grouped_shifts(9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [fs.shift2d(x, shifts) for _ in range(3)]
+        assert backend.name_for(x) == "reference"
+    warned = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(warned) == 1, [str(w.message) for w in caught]
+    assert "\n" not in str(warned[0].message) and "reference" in str(warned[0].message)
+    for out in outs:
+        assert torch.equal(out, reference.shift_forward(x, shifts, 1))
+
+
+def test_forced_cpp_with_failing_build_raises(broken_build, monkeypatch):
+    monkeypatch.setenv("FEWSHIFTS_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="FEWSHIFTS_BACKEND=cpp"):
+        fs.shift2d(torch.randn(1, 9, 4, 4), fs.grouped_shifts(9))
+
+
+def test_forced_reference_never_builds(broken_build, monkeypatch):
+    monkeypatch.setenv("FEWSHIFTS_BACKEND", "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fs.active_shift2d(torch.randn(1, 3, 4, 4), torch.zeros(3, 2))
+    assert cpp._module is None and cpp._error is None
+
+
+def test_bad_backend_value_raises(monkeypatch):
+    monkeypatch.setenv("FEWSHIFTS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FEWSHIFTS_BACKEND"):
+        fs.shift2d(torch.randn(1, 9, 4, 4), fs.grouped_shifts(9))
