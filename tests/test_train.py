@@ -112,6 +112,8 @@ def test_short_real_run_learns_and_eval_reproduces(tmp_path, capsys):
     assert list((run / "tb").glob("events.out.tfevents*"))
     rows = metric_rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2] and float(rows[-1]["test_acc"]) == summary["test_acc"]
+    with open(run / "metrics.csv", newline="") as f:
+        assert all(float(r["img_per_s"]) > 0 for r in csv.DictReader(f))
     saved = json.loads((run / "summary.json").read_text())
     assert set(saved["layer_sparsity"]) == {n for n, _ in shift_layers(load_model(run))}
     assert saved["params"] > 0 and saved["madds"] > 0 and 0 <= saved["sparsity"] <= 1

@@ -152,6 +152,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 if batches is None or index == 0:
                     batches = iter(train_loader.batches(epoch, index))
                     progress.start_epoch(epoch, epochs, step)
+                    t_epoch, steps_in_epoch = time.perf_counter(), 0
                 if freeze_at is not None and step == freeze_at:
                     freeze_shifts(model)
                     net = wrap(model, cfg, world, device)  # DDP must not wait for gradients that never come
@@ -184,6 +185,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                                             (logits.argmax(1) == y).sum().double(),
                                             torch.tensor(len(y), dtype=torch.float64, device=device)])
                 step += 1
+                steps_in_epoch += 1
                 n_window += len(y) * world
                 if master and (step % cfg["log_every"] == 0 or step == total):
                     now = time.perf_counter()
@@ -204,6 +206,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                     row = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
                                train_loss=float(sums[0] / sums[2]), train_acc=float(sums[1] / sums[2]),
                                sparsity=shift_sparsity(model), penalty=penalty,
+                               img_per_s=steps_in_epoch * cfg["batch_size"] / (time.perf_counter() - t_epoch),
                                elapsed_s=elapsed_before + time.perf_counter() - timer_start)
                     if step == total or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
                         eval_result = evaluate(model, test_loader, world, autocast)
