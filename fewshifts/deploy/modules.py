@@ -1,0 +1,114 @@
+"""Modules of the inference form: baked integer shifts, strided subsampling, FE-Block write-back."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshifts.ops import shift2d, shift2d_
+
+__all__ = ["IntegerShift", "Subsample", "bilinear_kernel", "shift_runs", "write_back"]
+
+
+def shift_runs(shifts: Tensor) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive channels with one displacement: (start, stop, dy, dx)."""
+    runs: list[tuple[int, int, int, int]] = []
+    for c, (dy, dx) in enumerate(shifts.tolist()):
+        if runs and runs[-1][1] == c and runs[-1][2:] == (dy, dx):
+            runs[-1] = (runs[-1][0], c + 1, dy, dx)
+        else:
+            runs.append((c, c + 1, dy, dx))
+    return runs
+
+
+def _shift_lowered(x: Tensor, runs: list[tuple[int, int, int, int]], stride: int) -> Tensor:
+    """Integer shift written with standard operators only (Slice, Pad, Concat) for ONNX / torch.export."""
+    height, width = x.shape[-2:]
+    parts = []
+    for start, stop, dy, dx in runs:
+        part = x[:, start:stop]
+        if dy or dx:
+            dy, dx = max(-height, min(height, dy)), max(-width, min(width, dx))  # beyond the image: all zero
+            part = F.pad(part, (max(-dx, 0), max(dx, 0), max(-dy, 0), max(dy, 0)))
+            part = part[:, :, max(dy, 0): max(dy, 0) + height, max(dx, 0): max(dx, 0) + width]
+        if stride != 1:
+            part = part[:, :, ::stride, ::stride]
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class IntegerShift(nn.Module):
+    """A baked integer shift (SSL Eq. 1) in its fastest exact form.
+
+    ``inplace``: shift the input's memory with :func:`fewshifts.ops.shift2d_`, touching only the channels
+    whose shift is not (0, 0) (SSL section 4.3; stride 1 only). ``lowered``: standard operators only
+    (for ONNX). Otherwise the out-of-place :func:`fewshifts.ops.shift2d`.
+    """
+
+    def __init__(self, shifts: Tensor, stride: int = 1, inplace: bool = False, lowered: bool = False) -> None:
+        super().__init__()
+        if inplace and (stride != 1 or lowered):
+            raise ValueError("IntegerShift: inplace needs stride 1 and lowered=False")
+        self.register_buffer("shifts", shifts.detach().long().cpu().clone())
+        self.stride, self.inplace, self.lowered = stride, inplace, lowered
+        self.runs = shift_runs(self.shifts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.lowered:
+            return _shift_lowered(x, self.runs, self.stride)
+        if self.inplace:
+            return shift2d_(x, self.shifts)
+        return shift2d(x, self.shifts, self.stride)
+
+    def extra_repr(self) -> str:
+        shifted = sum(stop - start for start, stop, dy, dx in self.runs if dy or dx)
+        mode = "inplace" if self.inplace else "lowered" if self.lowered else "out-of-place"
+        return f"{len(self.shifts)}, shifted={shifted}, runs={len(self.runs)}, stride={self.stride}, {mode}"
+
+
+class Subsample(nn.Module):
+    """What a strided all-zero shift does: keep every ``stride``-th row and column."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, :, :: self.stride, :: self.stride]
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+def bilinear_kernel(shifts: Tensor) -> Tensor:
+    """(C, 1, K, K) depthwise kernel holding the 4 bilinear weights of each channel's real shift (ASL Eq. 8-10).
+
+    With padding K // 2 (and the layer's stride) the depthwise convolution equals the active shift exactly.
+    """
+    shifts = shifts.detach().double().cpu()
+    floor = torch.floor(shifts)
+    frac = shifts - floor
+    floor = floor.long()
+    radius = int(max(floor.abs().max(), (floor + 1).abs().max())) if len(shifts) else 0
+    size = 2 * radius + 1
+    kernel = torch.zeros(len(shifts), 1, size, size, dtype=torch.float64)
+    a, b = frac[:, 0], frac[:, 1]
+    channels = torch.arange(len(shifts))
+    for oy, ox, w in ((0, 0, (1 - a) * (1 - b)), (0, 1, (1 - a) * b), (1, 0, a * (1 - b)), (1, 1, a * b)):
+        kernel[channels, 0, floor[:, 0] + oy + radius, floor[:, 1] + ox + radius] += w
+    return kernel
+
+
+def write_back(base: Tensor, starts: tuple[int, ...], values: tuple[Tensor, ...],
+               accumulate: tuple[bool, ...]) -> Tensor:
+    """FE-Block write-back (SSL section 4.3): ``values[i]`` goes into ``base[:, starts[i]:...]`` in place
+    (added when ``accumulate[i]``: a residual unit), so the untouched channels are never copied. Returns ``base``.
+    """
+    for start, value, add in zip(starts, values, accumulate):
+        target = base.narrow(1, start, value.shape[1])
+        if add:
+            target.add_(value)
+        elif value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
+            target.copy_(value)
+    return base
