@@ -95,7 +95,7 @@ def deploy(model: nn.Module, example_input: Tensor | None = None, memory_format:
             setattr(parent, name.rsplit(".", 1)[-1], gm)
     if memory_format == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    return DeployedModel(model, memory_format)
+    return DeployedModel(model, memory_format).eval()
 
 
 def _input_size(model: nn.Module) -> tuple[int, ...]:
