@@ -175,6 +175,7 @@ def test_converted_resnet_deploys():
         pytest.skip("fewshifts.models.convert is not available yet (models branch)")
     torch.manual_seed(0)
     model = convert(create_model("resnet20", num_classes=10), shift="sparse")
+    model = model[0] if isinstance(model, tuple) else model  # (model, report)
     random_shift_pattern_(model, unshifted=0.7, radius=1)
     randomize_batchnorm_(model).eval()
     x = torch.randn(2, 3, 32, 32)

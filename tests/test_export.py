@@ -62,7 +62,8 @@ def test_onnx_converted_resnet(tmp_path):
     convert = getattr(fm, "convert", None)
     if convert is None:
         pytest.skip("fewshifts.models.convert is not available yet (models branch)")
-    model = _prepared(convert(create_model("resnet20", num_classes=10), shift="sparse"))
+    converted = convert(create_model("resnet20", num_classes=10), shift="sparse")
+    model = _prepared(converted[0] if isinstance(converted, tuple) else converted)  # (model, report)
     path = export_onnx(model, tmp_path / "converted.onnx", torch.randn(1, 3, 32, 32))
     assert check_onnx(path, model, [torch.randn(2, 3, 32, 32)]) <= 1e-4
 

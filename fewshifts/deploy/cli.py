@@ -49,3 +49,38 @@ def run_export(args: argparse.Namespace) -> int:
         torch.export.save(program, args.program)
         print(f"wrote {args.program}")
     return 0
+
+
+def configure_bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="docs/benchmarks/latency.md", help="markdown report path")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-onnx", action="store_true", help="skip onnxruntime")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-operator breakdown")
+    parser.add_argument("--json", help="also write the raw results as JSON")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from fewshifts.deploy.bench import run_benchmark, to_markdown
+
+    try:
+        results = run_benchmark(batches=tuple(args.batch), size=args.size, threads=args.threads,
+                                repeats=args.repeats, onnx=not args.no_onnx,
+                                breakdown_batch=0 if args.no_breakdown else max(args.batch))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    command = "fewshifts bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "fewshifts bench"
+    text = to_markdown(results, command.strip())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(text)
+    print(f"wrote {out}")
+    return 0

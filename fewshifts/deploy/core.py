@@ -354,7 +354,14 @@ def _permute_neighbours(gm: fx.GraphModule, shift_node: fx.Node, perm: Tensor, u
 
 def _fresh(gm: fx.GraphModule, node: fx.Node, reader: fx.Node) -> bool:
     """True if ``reader`` is the only user of ``node`` and ``node``'s tensor is its own memory."""
-    return isinstance(node, fx.Node) and list(node.users) == [reader] and _fresh_tensor(gm, node)
+    return isinstance(node, fx.Node) and _data_users(node) == [reader] and _fresh_tensor(gm, node)
+
+
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` that read its values (not only its shape: ``x.shape``, ``x.size()``, ``x.dim()``)."""
+    return [u for u in node.users if not (
+        (u.op == "call_function" and u.target is getattr and u.args[1:] in (("shape",), ("ndim",)))
+        or (u.op == "call_method" and u.target in ("size", "dim")))]
 
 
 def _fresh_tensor(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -471,7 +478,7 @@ def _fresh_base(gm: fx.GraphModule, base: fx.Node, cat: fx.Node) -> bool:
     """The base may be overwritten: not an input, used only through channel slices all read by ``cat``'s time."""
     if not _fresh_tensor(gm, base):
         return False
-    for user in base.users:
+    for user in _data_users(base):
         pieces = list(user.users) if _is_split(user) else [user]
         if any(_slice_of(p) is None for p in pieces):
             return False
