@@ -180,3 +180,29 @@ def test_converted_resnet_deploys():
     randomize_batchnorm_(model).eval()
     x = torch.randn(2, 3, 32, 32)
     _assert_same(model, deploy(model, example_input=x[:1]), x)
+
+
+def test_relu_fused_into_conv():
+    from fewshifts.deploy.modules import ConvAct
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not available")
+    deployed = deploy(_prepared("shiftresnet20"), example_input=torch.randn(1, 3, 32, 32))
+    assert any(isinstance(m, ConvAct) for m in deployed.modules())
+    lowered = deploy(_prepared("shiftresnet20"), example_input=torch.randn(1, 3, 32, 32), lowered=True)
+    assert not any(isinstance(m, ConvAct) for m in lowered.modules()), "the export form keeps standard modules"
+
+
+def test_bench_smoke(tmp_path):
+    from fewshifts.deploy.bench import OP_TYPES, BenchCase, run_benchmark, to_markdown
+
+    cases = [BenchCase("ShiftResNet-20 90%", "shiftresnet20", {"num_classes": 10}, 0.9),
+             BenchCase("ShiftResNet-20 DW", "shiftresnet20", {"num_classes": 10, "shift": "dw"})]
+    results = run_benchmark(cases, batches=(2,), size=32, repeats=1, onnx=False, breakdown_batch=2, log=lambda s: None)
+    assert len(results["rows"]) == 2 and all(r["deployed_ms"] > 0 for r in results["rows"])
+    shares = results["breakdown"]["ShiftResNet-20 90%"]
+    assert set(shares) <= set(OP_TYPES) and shares["shift"] > 0 and shares["1x1 conv"] > 0
+    text = to_markdown(results, "test")
+    assert "| ShiftResNet-20 90% | 2 |" in text and "## Targets" in text
+    with pytest.raises(ValueError, match="not registered"):
+        run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)

@@ -22,7 +22,7 @@ from fewshifts.deploy.modules import IntegerShift, Subsample, write_back
 from fewshifts.deploy.synthetic import random_shift_pattern_, randomize_batchnorm_
 from fewshifts.layers import ShiftLayer
 
-__all__ = ["BenchCase", "default_cases", "time_forward", "operator_breakdown", "run_benchmark", "OP_TYPES"]
+__all__ = ["BenchCase", "default_cases", "interleaved_times", "operator_breakdown", "run_benchmark", "OP_TYPES"]
 
 OP_TYPES = ("1x1 conv", "spatial conv", "shift", "BN/ReLU", "add", "pool", "concat/split", "fc/other")
 
@@ -53,18 +53,6 @@ def default_cases() -> list[BenchCase]:
         BenchCase("FE-Net 1.0x DW", "fenet_100", {"spatial": "dw"}),
         BenchCase("MobileNetV2 1.0x", "mobilenetv2_100"),
     ]
-
-
-def time_forward(fn: Callable[[Tensor], object], x: Tensor, repeats: int, warmup: int = 2) -> float:
-    """Median wall time (seconds) of ``fn(x)`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _op_type(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -142,6 +130,7 @@ def _onnx_session(model: nn.Module, x: Tensor, threads: int, folder: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal CPU
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda inp: session.run(None, {name: inp.numpy()})
@@ -186,26 +175,44 @@ def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...]
     except ImportError:
         onnx = False
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
+        forms = {}  # (label, form) -> callable
         for case in cases:
             model = case.build()
-            example = torch.randn(1, 3, size, size)
             with torch.inference_mode(False), torch.no_grad():
-                deployed = deploy(model, example_input=example)
-            session = _onnx_session(model, torch.randn(2, 3, size, size), threads, folder) if onnx else None
-            for batch in batches:
-                x = torch.randn(batch, 3, size, size)
-                reps = repeats if batch > 1 else 4 * repeats
+                deployed = deploy(model, example_input=torch.randn(1, 3, size, size))
+            forms[case.label, "eager"], forms[case.label, "deployed"] = model, deployed
+            if onnx:
+                forms[case.label, "onnxruntime"] = _onnx_session(model, torch.randn(2, 3, size, size), threads, folder)
+            log(f"built {case.label}")
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size)
+            times = interleaved_times(forms, x, repeats if batch > 1 else 4 * repeats)
+            for case in cases:
                 row = dict(model=case.label, batch=batch)
-                row["eager_ms"] = 1e3 * time_forward(model, x, reps)
-                row["deployed_ms"] = 1e3 * time_forward(deployed, x, reps)
-                if session is not None:
-                    row["onnxruntime_ms"] = 1e3 * time_forward(session, x, reps)
+                row.update({f"{form}_ms": 1e3 * t for (label, form), t in times.items() if label == case.label})
                 results["rows"].append(row)
                 log(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if breakdown_batch:
-                results["breakdown"][case.label] = operator_breakdown(
-                    deployed, torch.randn(breakdown_batch, 3, size, size), repeats=max(1, repeats // 2))
+        if breakdown_batch:
+            x = torch.randn(breakdown_batch, 3, size, size)
+            for case in cases:
+                results["breakdown"][case.label] = operator_breakdown(forms[case.label, "deployed"], x,
+                                                                      repeats=max(1, repeats // 2))
     return results
+
+
+def interleaved_times(forms: dict, x: Tensor, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each callable on ``x``, timed round-robin (one run of each per round) so that
+    load changes on a shared machine hit every form alike."""
+    for fn in forms.values():
+        for _ in range(warmup):
+            fn(x)
+    samples: dict = {key: [] for key in forms}
+    for _ in range(repeats):
+        for key, fn in forms.items():
+            start = time.perf_counter()
+            fn(x)
+            samples[key].append(time.perf_counter() - start)
+    return {key: statistics.median(v) for key, v in samples.items()}
 
 
 def _row(results: dict, label: str, batch: int) -> dict | None:
@@ -246,7 +253,7 @@ def to_markdown(results: dict, command: str) -> str:
              f"- torch {results['torch']}, onnxruntime {results.get('onnxruntime', 'not installed')}, "
              f"shift kernels: {results['shift_backend']}",
              f"- input {results['size']}x{results['size']}, float32, median of {results['repeats']} runs "
-             f"(x4 at batch 1) after 2 warm-up runs, all in one process",
+             f"(x4 at batch 1) after 2 warm-up runs, all in one process, timed round-robin over all models and forms",
              f"- command: `{command}`",
              "- eager: the eval-mode model as built (NCHW); deployed: `fewshifts.deploy(model)` (BN folded, shifts "
              "baked, permuted and in place, FE-Block write-back, channels_last); onnxruntime: "

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from fewshifts.deploy.modules import IntegerShift, Subsample, bilinear_kernel, write_back
+from fewshifts.deploy.modules import ConvAct, IntegerShift, Subsample, bilinear_kernel, write_back
 from fewshifts.deploy.tracing import trace
 from fewshifts.layers import ActiveShift2d, ShiftLayer
 
@@ -44,7 +44,8 @@ _PER_CHANNEL_FN = {F.relu, F.relu6, F.hardswish, F.silu, F.gelu, torch.relu, tor
                    F.avg_pool2d, F.max_pool2d}
 _PER_CHANNEL_METHOD = {"relu", "relu_", "sigmoid", "tanh"}
 # nodes whose output is a fresh tensor (not a view of another), safe to modify in place
-_FRESH_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.Linear, ShiftLayer, IntegerShift)
+_FRESH_MODULES = (nn.Conv2d, ConvAct, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.Linear, ShiftLayer,
+                  IntegerShift)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.LeakyReLU, nn.GELU)
 
 
@@ -187,7 +188,7 @@ class _Passes:
         self.inplace, self.lowered = inplace, lowered
 
     def run(self, gm: fx.GraphModule) -> None:
-        for step in (self.fold_bn, self.drop_identities, self.bake_shifts, self.write_back):
+        for step in (self.fold_bn, self.drop_identities, self.bake_shifts, self.write_back, self.fuse_activations):
             step(gm)
             gm.graph.lint()
         gm.delete_all_unused_submodules()
@@ -242,6 +243,22 @@ class _Passes:
             inplace = self.inplace and layer.stride == 1 and _fresh(gm, node.args[0], node)
             _set_module(gm, node.target, IntegerShift(shifts, layer.stride, inplace, self.lowered))
 
+    # -- 6. conv + ReLU in one oneDNN call -----------------------------------------------------------------
+    def fuse_activations(self, gm: fx.GraphModule) -> None:
+        if not self.inplace or not torch.backends.mkldnn.is_available():
+            return
+        uses = _module_uses(gm)
+        for node in list(gm.graph.nodes):
+            act = _activation_name(gm, node)
+            conv_node = node.args[0] if act and node.args else None
+            if not _is(gm, conv_node, nn.Conv2d) or len(conv_node.users) != 1 or uses[conv_node.target] != 1:
+                continue
+            if _module(gm, conv_node).padding_mode != "zeros" or isinstance(_module(gm, conv_node).padding, str):
+                continue
+            _set_module(gm, conv_node.target, ConvAct(_module(gm, conv_node), act))
+            node.replace_all_uses_with(conv_node)
+            gm.graph.erase_node(node)
+
     # -- 4. FE-Block write-back ---------------------------------------------------------------------------
     def write_back(self, gm: fx.GraphModule) -> None:
         if not self.inplace:
@@ -268,6 +285,17 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         inputs = [a for a in node.all_input_nodes]
         gm.graph.erase_node(node)
         nodes.extend(inputs)
+
+
+def _activation_name(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """'relu' / 'relu6' for a ReLU / ReLU6 node (module, function or method), else None."""
+    m = _module(gm, node)
+    if isinstance(m, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)) or (
+            node.op == "call_method" and node.target in ("relu", "relu_")):
+        return "relu"
+    if isinstance(m, nn.ReLU6) or (node.op == "call_function" and node.target is F.relu6):
+        return "relu6"
+    return None
 
 
 def _module_uses(gm: fx.GraphModule) -> dict[str, int]:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from fewshifts.ops import shift2d, shift2d_
 
-__all__ = ["IntegerShift", "Subsample", "bilinear_kernel", "shift_runs", "write_back"]
+__all__ = ["IntegerShift", "Subsample", "ConvAct", "bilinear_kernel", "shift_runs", "write_back"]
 
 
 def shift_runs(shifts: Tensor) -> list[tuple[int, int, int, int]]:
@@ -112,3 +112,32 @@ def write_back(base: Tensor, starts: tuple[int, ...], values: tuple[Tensor, ...]
         elif value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
             target.copy_(value)
     return base
+
+
+_ONEDNN_ACTS = {"relu": ("relu", (None,)), "relu6": ("hardtanh", (0.0, 6.0))}  # oneDNN post-op, its scalars
+
+
+class ConvAct(nn.Module):
+    """Convolution + ReLU / ReLU6 as one oneDNN call on CPU (no separate pass over the output).
+
+    Falls back to ``act(conv(x))`` off CPU or where oneDNN is not available.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: str) -> None:
+        super().__init__()
+        if act not in _ONEDNN_ACTS:
+            raise ValueError(f"act should be one of {tuple(_ONEDNN_ACTS)} instead of {act!r}")
+        self.conv, self.act = conv, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            attr, scalars = _ONEDNN_ACTS[self.act]
+            scalars = list(scalars)
+            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
+                                                           list(c.dilation), c.groups, attr, scalars, None)
+        y = c(x)
+        return F.relu(y) if self.act == "relu" else F.relu6(y)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
