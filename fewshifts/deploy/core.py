@@ -75,6 +75,8 @@ def deploy(model: nn.Module, example_input: Tensor | None = None, memory_format:
     ``inplace=False`` avoids in-place shifts and write-back; ``lowered=True`` also writes integer shifts
     with standard operators (Slice / Pad / Concat), the form exported to ONNX.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model should be an nn.Module instead of {type(model).__name__}")
     if memory_format not in _MEMORY_FORMATS:
         raise ValueError(f"memory_format should be one of {tuple(_MEMORY_FORMATS)} instead of {memory_format!r}")
     if lowered:
