@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshifts.ops import shift2d, shift2d_
+from fewshifts.ops.backend import name_for
 
 __all__ = ["IntegerShift", "Subsample", "ConvAct", "bilinear_kernel", "shift_runs", "write_back"]
 
@@ -38,6 +39,38 @@ def _shift_lowered(x: Tensor, runs: list[tuple[int, int, int, int]], stride: int
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _shift_inplace_runs(x: Tensor, runs: list[tuple[int, int, int, int]]) -> Tensor:
+    """In-place stride-1 shift by slicing, one contiguous channel run at a time; unshifted runs are not touched.
+
+    Each moved run goes through one temporary in the tensor's own memory order (no NCHW / NHWC transposes):
+    the pure-PyTorch counterpart of :func:`fewshifts.ops.shift2d_` used when the C++ kernels are absent.
+    """
+    height, width = x.shape[-2:]
+    for start, stop, dy, dx in runs:
+        if not (dy or dx):
+            continue
+        # rows / cols as (source, destination) slices of the part that stays inside the image
+        rows = (slice(max(dy, 0), height + min(dy, 0)), slice(max(-dy, 0), height - max(dy, 0)))
+        cols = (slice(max(dx, 0), width + min(dx, 0)), slice(max(-dx, 0), width - max(dx, 0)))
+        part = x[:, start:stop]
+        if abs(dy) >= height or abs(dx) >= width:
+            part.zero_()
+            continue
+        part[:, :, rows[1], cols[1]] = _clone_in_order(part[:, :, rows[0], cols[0]], x)
+        if dy:
+            part[:, :, slice(height - dy, None) if dy > 0 else slice(0, -dy)] = 0
+        if dx:
+            part[:, :, :, slice(width - dx, None) if dx > 0 else slice(0, -dx)] = 0
+    return x
+
+
+def _clone_in_order(region: Tensor, like: Tensor) -> Tensor:
+    """A copy of ``region`` laid out in the memory order of ``like`` (channels-last stays channels-last)."""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return region.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
+    return region.clone(memory_format=torch.contiguous_format)
+
+
 class IntegerShift(nn.Module):
     """A baked integer shift (SSL Eq. 1) in its fastest exact form.
 
@@ -58,7 +91,9 @@ class IntegerShift(nn.Module):
         if self.lowered:
             return _shift_lowered(x, self.runs, self.stride)
         if self.inplace:
-            return shift2d_(x, self.shifts)
+            if name_for(x) == "cpp":
+                return shift2d_(x, self.shifts)
+            return _shift_inplace_runs(x, self.runs)
         return shift2d(x, self.shifts, self.stride)
 
     def extra_repr(self) -> str:
