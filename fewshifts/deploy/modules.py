@@ -1,0 +1,178 @@
+"""Modules of the inference form: baked integer shifts, strided subsampling, FE-Block write-back."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshifts.ops import shift2d, shift2d_
+from fewshifts.ops.backend import name_for
+
+__all__ = ["IntegerShift", "Subsample", "ConvAct", "bilinear_kernel", "shift_runs", "write_back"]
+
+
+def shift_runs(shifts: Tensor) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive channels with one displacement: (start, stop, dy, dx)."""
+    runs: list[tuple[int, int, int, int]] = []
+    for c, (dy, dx) in enumerate(shifts.tolist()):
+        if runs and runs[-1][1] == c and runs[-1][2:] == (dy, dx):
+            runs[-1] = (runs[-1][0], c + 1, dy, dx)
+        else:
+            runs.append((c, c + 1, dy, dx))
+    return runs
+
+
+def _shift_lowered(x: Tensor, runs: list[tuple[int, int, int, int]], stride: int) -> Tensor:
+    """Integer shift written with standard operators only (Slice, Pad, Concat) for ONNX / torch.export."""
+    height, width = x.shape[-2:]
+    parts = []
+    for start, stop, dy, dx in runs:
+        part = x[:, start:stop]
+        if dy or dx:
+            dy, dx = max(-height, min(height, dy)), max(-width, min(width, dx))  # beyond the image: all zero
+            part = F.pad(part, (max(-dx, 0), max(dx, 0), max(-dy, 0), max(dy, 0)))
+            part = part[:, :, max(dy, 0): max(dy, 0) + height, max(dx, 0): max(dx, 0) + width]
+        if stride != 1:
+            part = part[:, :, ::stride, ::stride]
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _shift_inplace_runs(x: Tensor, runs: list[tuple[int, int, int, int]]) -> Tensor:
+    """In-place stride-1 shift by slicing, one contiguous channel run at a time; unshifted runs are not touched.
+
+    Each moved run goes through one temporary in the tensor's own memory order (no NCHW / NHWC transposes):
+    the pure-PyTorch counterpart of :func:`fewshifts.ops.shift2d_` used when the C++ kernels are absent.
+    """
+    height, width = x.shape[-2:]
+    for start, stop, dy, dx in runs:
+        if not (dy or dx):
+            continue
+        # rows / cols as (source, destination) slices of the part that stays inside the image
+        rows = (slice(max(dy, 0), height + min(dy, 0)), slice(max(-dy, 0), height - max(dy, 0)))
+        cols = (slice(max(dx, 0), width + min(dx, 0)), slice(max(-dx, 0), width - max(dx, 0)))
+        part = x[:, start:stop]
+        if abs(dy) >= height or abs(dx) >= width:
+            part.zero_()
+            continue
+        part[:, :, rows[1], cols[1]] = _clone_in_order(part[:, :, rows[0], cols[0]], x)
+        if dy:
+            part[:, :, slice(height - dy, None) if dy > 0 else slice(0, -dy)] = 0
+        if dx:
+            part[:, :, :, slice(width - dx, None) if dx > 0 else slice(0, -dx)] = 0
+    return x
+
+
+def _clone_in_order(region: Tensor, like: Tensor) -> Tensor:
+    """A copy of ``region`` laid out in the memory order of ``like`` (channels-last stays channels-last)."""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return region.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
+    return region.clone(memory_format=torch.contiguous_format)
+
+
+class IntegerShift(nn.Module):
+    """A baked integer shift (SSL Eq. 1) in its fastest exact form.
+
+    ``inplace``: shift the input's memory with :func:`fewshifts.ops.shift2d_`, touching only the channels
+    whose shift is not (0, 0) (SSL section 4.3; stride 1 only). ``lowered``: standard operators only
+    (for ONNX). Otherwise the out-of-place :func:`fewshifts.ops.shift2d`.
+    """
+
+    def __init__(self, shifts: Tensor, stride: int = 1, inplace: bool = False, lowered: bool = False) -> None:
+        super().__init__()
+        if inplace and (stride != 1 or lowered):
+            raise ValueError("IntegerShift: inplace needs stride 1 and lowered=False")
+        self.register_buffer("shifts", shifts.detach().long().cpu().clone())
+        self.stride, self.inplace, self.lowered = stride, inplace, lowered
+        self.runs = shift_runs(self.shifts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.lowered:
+            return _shift_lowered(x, self.runs, self.stride)
+        if self.inplace:
+            if name_for(x) == "cpp":
+                return shift2d_(x, self.shifts)
+            return _shift_inplace_runs(x, self.runs)
+        return shift2d(x, self.shifts, self.stride)
+
+    def extra_repr(self) -> str:
+        shifted = sum(stop - start for start, stop, dy, dx in self.runs if dy or dx)
+        mode = "inplace" if self.inplace else "lowered" if self.lowered else "out-of-place"
+        return f"{len(self.shifts)}, shifted={shifted}, runs={len(self.runs)}, stride={self.stride}, {mode}"
+
+
+class Subsample(nn.Module):
+    """What a strided all-zero shift does: keep every ``stride``-th row and column."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, :, :: self.stride, :: self.stride]
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+def bilinear_kernel(shifts: Tensor) -> Tensor:
+    """(C, 1, K, K) depthwise kernel holding the 4 bilinear weights of each channel's real shift (ASL Eq. 8-10).
+
+    With padding K // 2 (and the layer's stride) the depthwise convolution equals the active shift exactly.
+    """
+    shifts = shifts.detach().double().cpu()
+    floor = torch.floor(shifts)
+    frac = shifts - floor
+    floor = floor.long()
+    radius = int(max(floor.abs().max(), (floor + 1).abs().max())) if len(shifts) else 0
+    size = 2 * radius + 1
+    kernel = torch.zeros(len(shifts), 1, size, size, dtype=torch.float64)
+    a, b = frac[:, 0], frac[:, 1]
+    channels = torch.arange(len(shifts))
+    for oy, ox, w in ((0, 0, (1 - a) * (1 - b)), (0, 1, (1 - a) * b), (1, 0, a * (1 - b)), (1, 1, a * b)):
+        kernel[channels, 0, floor[:, 0] + oy + radius, floor[:, 1] + ox + radius] += w
+    return kernel
+
+
+def write_back(base: Tensor, starts: tuple[int, ...], values: tuple[Tensor, ...],
+               accumulate: tuple[bool, ...]) -> Tensor:
+    """FE-Block write-back (SSL section 4.3): ``values[i]`` goes into ``base[:, starts[i]:...]`` in place
+    (added when ``accumulate[i]``: a residual unit), so the untouched channels are never copied. Returns ``base``.
+    """
+    for start, value, add in zip(starts, values, accumulate):
+        target = base.narrow(1, start, value.shape[1])
+        if add:
+            target.add_(value)
+        elif value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
+            target.copy_(value)
+    return base
+
+
+_ONEDNN_ACTS = {"relu": ("relu", (None,)), "relu6": ("hardtanh", (0.0, 6.0))}  # oneDNN post-op, its scalars
+
+
+class ConvAct(nn.Module):
+    """Convolution + ReLU / ReLU6 as one oneDNN call on CPU (no separate pass over the output).
+
+    Falls back to ``act(conv(x))`` off CPU or where oneDNN is not available.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: str) -> None:
+        super().__init__()
+        if act not in _ONEDNN_ACTS:
+            raise ValueError(f"act should be one of {tuple(_ONEDNN_ACTS)} instead of {act!r}")
+        self.conv, self.act = conv, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            attr, scalars = _ONEDNN_ACTS[self.act]
+            scalars = list(scalars)
+            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
+                                                           list(c.dilation), c.groups, attr, scalars, None)
+        y = c(x)
+        return F.relu(y) if self.act == "relu" else F.relu6(y)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"

@@ -1,0 +1,222 @@
+"""fewshifts.deploy: the inference form keeps the eval-mode outputs on every model (SSL section 4.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fewshifts.models as fm
+from fewshifts.deploy import IntegerShift, deploy
+from fewshifts.deploy.modules import write_back
+from fewshifts.deploy.synthetic import random_shift_pattern_, randomize_batchnorm_
+from fewshifts.layers import ShiftLayer, SparseShift2d
+from fewshifts.models import create_model, list_models
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _prepared(name: str, seed: int = 0, unshifted: float = 0.7, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=10, **kwargs)
+    random_shift_pattern_(model, unshifted=unshifted, radius=2, seed=seed)
+    return randomize_batchnorm_(model, seed=seed).eval()
+
+
+def _small_input(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    c, h, w = model.default_cfg["input_size"]
+    return torch.randn(batch, c, min(h, 64), min(w, 64), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same(model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> None:
+    x_before = x.clone()
+    with torch.no_grad():
+        expected = model(x)
+        got = deployed(x)
+    assert torch.equal(x, x_before), "deployed model modified its input"
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = ((got - expected).abs().max() / scale).item()
+    assert err <= 1e-4, f"max abs error {err:.2e} of the output scale"
+
+
+def _spatial_kwargs(name: str) -> list[dict]:
+    """The shift variants a model offers (``shift=`` for ShiftResNets, FE-Net's ``spatial=``)."""
+    if name.startswith("shiftresnet"):
+        return [dict(shift=s) for s in ("sparse", "grouped", "active", "none", "dw")]
+    return [{}]
+
+
+# one small model of each family runs by default; the deeper / wider siblings are marked slow (CI runs them)
+FAST = {"shiftresnet20", "resnet20", "fenet_100", "mobilenetv2_100", "asnet20", "as_resnet_w32"}
+BOTH_LAYOUTS = {"shiftresnet20", "fenet_100"}
+
+
+def _cases() -> list:
+    cases = []
+    for name in list_models():
+        for kw in _spatial_kwargs(name):
+            for fmt in ("channels_last", "contiguous"):
+                if fmt == "contiguous" and name not in BOTH_LAYOUTS:
+                    continue
+                marks = () if name in FAST else (pytest.mark.slow,)
+                cases.append(pytest.param(name, kw, fmt, marks=marks,
+                                          id=f"{name}-{'-'.join(map(str, kw.values()))}-{fmt}"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "kwargs", "memory_format"), _cases())
+def test_deploy_matches_eval(name, kwargs, memory_format):
+    model = _prepared(name, **kwargs)
+    x = _small_input(model)
+    _assert_same(model, deploy(model, example_input=x[:1], memory_format=memory_format), x)
+
+
+def test_deploy_folds_bn_and_bakes_shifts():
+    model = _prepared("shiftresnet20", shift="sparse")
+    deployed = deploy(model, example_input=torch.randn(1, 3, 32, 32))
+    kinds = {type(m) for m in deployed.modules()}
+    assert nn.BatchNorm2d not in kinds and not any(issubclass(k, ShiftLayer) for k in kinds)
+    shifts = [m for m in deployed.modules() if isinstance(m, IntegerShift)]
+    assert len(shifts) == 9 and all(m.inplace for m in shifts)
+
+
+def test_permutation_groups_displacements_unshifted_first():
+    model = _prepared("shiftresnet20", shift="sparse", unshifted=0.6)
+    deployed = deploy(model, example_input=torch.randn(1, 3, 32, 32))
+    for m in deployed.modules():
+        if isinstance(m, IntegerShift):
+            displacements = [(dy, dx) for _, _, dy, dx in m.runs]
+            assert displacements[0] == (0, 0), "the unshifted group should come first"
+            assert len(set(displacements)) == len(displacements), "each displacement should be one contiguous run"
+
+
+def test_all_zero_shifts_deploy_to_pure_1x1_convs():
+    model = _prepared("shiftresnet20", shift="sparse", unshifted=1.0)
+    deployed = deploy(model, example_input=torch.randn(1, 3, 32, 32))
+    assert not [m for m in deployed.modules() if isinstance(m, (IntegerShift, ShiftLayer))]
+    convs = [m for m in deployed.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.kernel_size == (1, 1) for m in convs[1:]), "only the stem should keep a spatial kernel"
+    _assert_same(model, deployed, torch.randn(2, 3, 32, 32))
+
+
+def test_deployed_model_runs_in_inference_mode_and_batch_sizes():
+    model = _prepared("shiftresnet20")
+    deployed = deploy(model, example_input=torch.randn(1, 3, 32, 32))
+    with torch.inference_mode():
+        assert deployed(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+    _assert_same(model, deployed, torch.randn(3, 3, 40, 24))  # another spatial size than the example
+
+
+def test_deploy_rejects_unknown_memory_format():
+    with pytest.raises(ValueError, match="memory_format should be one of"):
+        deploy(create_model("shiftresnet20"), memory_format="nhwc")
+
+
+# ------------------------------------------------------------------------------------------------------
+# FE-Block write-back (SSL section 4.3) on a small stand-in with the same slicing pattern as FE-Net
+
+
+class _Unit(nn.Module):
+    def __init__(self, c: int, residual: bool) -> None:
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, 4 * c, 1, bias=False), nn.BatchNorm2d(4 * c), nn.ReLU(inplace=True))
+        self.shift = SparseShift2d(4 * c)
+        self.project = nn.Sequential(nn.Conv2d(4 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.project(self.shift(self.expand(x)))
+        return x + y if self.residual else y
+
+
+class _FEBlock(nn.Module):
+    """Units on the last G, 2G, ... channels, each output concatenated after the untouched channels."""
+
+    def __init__(self, c: int = 16, n: int = 3, split: bool = False) -> None:
+        super().__init__()
+        self.g = c // 2 ** (n - 1)
+        self.units = nn.ModuleList(_Unit(self.g * 2**i, residual=i % 2 == 0) for i in range(n))
+        self.split = split
+
+    def forward(self, x):
+        for i, unit in enumerate(self.units):
+            k = x.shape[1] - self.g * 2**i
+            if self.split:
+                keep, work = torch.split(x, [k, x.shape[1] - k], dim=1)
+                x = torch.cat([keep, unit(work)], dim=1) if k else unit(work)
+            else:
+                x = torch.cat([x[:, :k], unit(x[:, k:])], dim=1) if k else unit(x)
+        return x
+
+
+class _FENetLike(nn.Module):
+    def __init__(self, split: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.block = _FEBlock(16, 3, split)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_fe_block_writes_back_in_place(split):
+    torch.manual_seed(0)
+    model = _FENetLike(split)
+    random_shift_pattern_(model, unshifted=0.5, radius=1)
+    randomize_batchnorm_(model).eval()
+    x = torch.randn(2, 3, 16, 16)
+    deployed = deploy(model, example_input=x[:1])
+    calls = [n for n in deployed.model.graph.nodes if n.target is write_back]
+    assert len(calls) == 2, "both concatenations should become write-backs"
+    assert not [n for n in deployed.model.graph.nodes if n.target is torch.cat]
+    _assert_same(model, deployed, x)
+
+
+def test_fenet_writes_back():
+    if "fenet_100" not in list_models():
+        pytest.skip("fenet_100 is not registered yet (models branch)")
+    model = _prepared("fenet_100")
+    deployed = deploy(model, example_input=torch.randn(1, 3, 64, 64))
+    graphs = [m.graph for m in deployed.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert any(n.target is write_back for g in graphs for n in g.nodes)
+
+
+def test_converted_resnet_deploys():
+    convert = getattr(fm, "convert", None)
+    if convert is None:
+        pytest.skip("fewshifts.models.convert is not available yet (models branch)")
+    torch.manual_seed(0)
+    model = convert(create_model("resnet20", num_classes=10), shift="sparse")
+    model = model[0] if isinstance(model, tuple) else model  # (model, report)
+    random_shift_pattern_(model, unshifted=0.7, radius=1)
+    randomize_batchnorm_(model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    _assert_same(model, deploy(model, example_input=x[:1]), x)
+
+
+def test_relu_fused_into_conv():
+    from fewshifts.deploy.modules import ConvAct
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not available")
+    deployed = deploy(_prepared("shiftresnet20"), example_input=torch.randn(1, 3, 32, 32))
+    assert any(isinstance(m, ConvAct) for m in deployed.modules())
+    lowered = deploy(_prepared("shiftresnet20"), example_input=torch.randn(1, 3, 32, 32), lowered=True)
+    assert not any(isinstance(m, ConvAct) for m in lowered.modules()), "the export form keeps standard modules"
+
+
+def test_bench_smoke(tmp_path):
+    from fewshifts.deploy.bench import OP_TYPES, BenchCase, run_benchmark, to_markdown
+
+    cases = [BenchCase("ShiftResNet-20 90%", "shiftresnet20", {"num_classes": 10}, 0.9),
+             BenchCase("ShiftResNet-20 DW", "shiftresnet20", {"num_classes": 10, "shift": "dw"})]
+    results = run_benchmark(cases, batches=(2,), size=32, repeats=1, onnx=False, breakdown_batch=2, log=lambda s: None)
+    assert len(results["rows"]) == 2 and all(r["deployed_ms"] > 0 for r in results["rows"])
+    shares = results["breakdown"]["ShiftResNet-20 90%"]
+    assert set(shares) <= set(OP_TYPES) and shares["shift"] > 0 and shares["1x1 conv"] > 0
+    text = to_markdown(results, "test")
+    assert "| ShiftResNet-20 90% | 2 |" in text and "## Targets" in text
+    with pytest.raises(ValueError, match="not registered"):
+        run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)
