@@ -37,4 +37,7 @@ def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs
         raise ValueError(f"in_chans should be a positive integer instead of {in_chans!r}")
     model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     model.model_spec = {"name": name, "num_classes": num_classes, "in_chans": in_chans, "kwargs": kwargs}
+    cfg = getattr(model, "default_cfg", None)
+    if cfg and "input_size" in cfg:  # the default input has the channels the model was built for
+        model.default_cfg = dict(cfg, input_size=(in_chans, *cfg["input_size"][1:]))
     return model

@@ -105,9 +105,11 @@ def _empty_output(x: Tensor, height: int, width: int) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1], height, width)).contiguous(memory_format=_format_of(x))
 
 
-@_shift2d.register_fake
-def _(x, shifts, stride):
+def _strided_output_fake(x, shifts, stride):
     return _empty_output(x, reference.output_size(x.shape[2], stride), reference.output_size(x.shape[3], stride))
+
+
+_shift2d.register_fake(_strided_output_fake)
 
 
 @_shift2d_backward.register_fake
@@ -172,6 +174,28 @@ def shift2d_(x: Tensor, shifts: Tensor) -> Tensor:
 # active_shift2d: bilinear shift (ASL)
 
 
+def _register_real_shift_op(op, backward) -> None:
+    """Fake kernels and autograd of a real-shift op ``op(x, shifts, stride)`` whose backward op
+    ``backward(grad, x, shifts, stride)`` returns ``(grad_x, grad_shifts)``."""
+
+    def backward_fake(grad, x, shifts, stride):
+        return _empty_output(x, x.shape[2], x.shape[3]), torch.empty_like(shifts)
+
+    def setup_context(ctx, inputs, output):
+        x, shifts, stride = inputs
+        ctx.save_for_backward(x, shifts)
+        ctx.stride = stride
+
+    def gradient(ctx, grad):
+        x, shifts = ctx.saved_tensors
+        grad_x, grad_shifts = backward(grad, x, shifts, ctx.stride)
+        return grad_x, grad_shifts, None
+
+    op.register_fake(_strided_output_fake)
+    backward.register_fake(backward_fake)
+    op.register_autograd(gradient, setup_context=setup_context)
+
+
 def _check_real_shifts(shifts: Tensor, name: str) -> None:
     if not shifts.is_floating_point():
         raise TypeError(f"{name}: shifts should be a floating point tensor instead of {shifts.dtype}")
@@ -193,29 +217,7 @@ def _active_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: in
     return grad_x, grad_shifts.to(shifts.device)
 
 
-@_active_shift2d.register_fake
-def _(x, shifts, stride):
-    return _empty_output(x, reference.output_size(x.shape[2], stride), reference.output_size(x.shape[3], stride))
-
-
-@_active_shift2d_backward.register_fake
-def _(grad, x, shifts, stride):
-    return _empty_output(x, x.shape[2], x.shape[3]), torch.empty_like(shifts)
-
-
-def _save_x_and_shifts(ctx, inputs, output):
-    x, shifts, stride = inputs
-    ctx.save_for_backward(x, shifts)
-    ctx.stride = stride
-
-
-def _active_shift2d_grad(ctx, grad):
-    x, shifts = ctx.saved_tensors
-    grad_x, grad_shifts = torch.ops.fewshifts.active_shift2d_backward(grad, x, shifts, ctx.stride)
-    return grad_x, grad_shifts, None
-
-
-_active_shift2d.register_autograd(_active_shift2d_grad, setup_context=_save_x_and_shifts)
+_register_real_shift_op(_active_shift2d, _active_shift2d_backward)
 
 
 def active_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
@@ -249,23 +251,7 @@ def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: in
     return grad_x, grad_shifts.to(shifts.device)
 
 
-@_sparse_shift2d.register_fake
-def _(x, shifts, stride):
-    return _empty_output(x, reference.output_size(x.shape[2], stride), reference.output_size(x.shape[3], stride))
-
-
-@_sparse_shift2d_backward.register_fake
-def _(grad, x, shifts, stride):
-    return _empty_output(x, x.shape[2], x.shape[3]), torch.empty_like(shifts)
-
-
-def _sparse_shift2d_grad(ctx, grad):
-    x, shifts = ctx.saved_tensors
-    grad_x, grad_shifts = torch.ops.fewshifts.sparse_shift2d_backward(grad, x, shifts, ctx.stride)
-    return grad_x, grad_shifts, None
-
-
-_sparse_shift2d.register_autograd(_sparse_shift2d_grad, setup_context=_save_x_and_shifts)
+_register_real_shift_op(_sparse_shift2d, _sparse_shift2d_backward)
 
 
 def sparse_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
