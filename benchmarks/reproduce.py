@@ -69,7 +69,7 @@ ROWS = [
 ]
 
 
-def run_row(row: Row, runs: Path, epochs: float, subset: int | None, threads: int,
+def run_row(row: Row, runs: Path, epochs: int, subset: int | None, threads: int,
             data_dir: str | None = None) -> dict | None:
     """Train (or resume, or skip) one row; its summary, or None if it stopped before the end."""
     out = runs / row.key
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=str(Path.home() / ".cache" / "fewshifts" / "reproduce"),
                         help="directory of the per-row run directories (kept between invocations)")
-    parser.add_argument("--epochs", type=float, default=10, help="epochs of every row (same schedule for all)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of every row (same schedule for all)")
     parser.add_argument("--subset", type=int, default=None, help="first N training images (smoke runs only)")
     parser.add_argument("--only", nargs="*", default=None, help=f"row keys to run: {[r.key for r in ROWS]}")
     parser.add_argument("--threads", type=int, default=2)
