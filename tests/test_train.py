@@ -300,3 +300,15 @@ def test_progress_bar_on_a_terminal_and_plain_lines_off_it(capsys):
     plain = Progress(total_steps=8, steps_per_epoch=4, tty=False)
     plain.update(6, dict(stats, sparsity=float("nan")), eta_s=3)
     assert capsys.readouterr().out.strip() == "step 6/8 loss 0.5000 acc 80.0% 100 img/s sparsity n/a eta 0:03"
+
+
+def test_boolean_options_are_bare_flags():
+    import argparse
+
+    from fewshifts.train.cli import configure_train
+
+    parser = argparse.ArgumentParser()
+    configure_train(parser)
+    args = parser.parse_args(["--compile", "--channels-last", "--tensorboard", "false", "--lr", "0.05"])
+    assert (args.compile, args.channels_last, args.tensorboard, args.lr) == (True, True, False, 0.05)
+

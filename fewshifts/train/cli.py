@@ -33,8 +33,10 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
                         help="continue a run (its newest checkpoint) or a checkpoint folder; alone: the run in --out")
     group = parser.add_argument_group("config keys (override the preset and config file; values parsed as YAML)")
     for key, default in DEFAULTS.items():
+        # boolean keys also work as bare flags: --compile means --compile true
+        flag = dict(nargs="?", const=True) if isinstance(default, bool) else {}
         group.add_argument("--" + key.replace("_", "-"), dest=key, type=_yaml_value, default=argparse.SUPPRESS,
-                           metavar=_SHORT.get(key, key.upper()), help=f"{HELP[key]} (default: {default!r})")
+                           metavar=_SHORT.get(key, key.upper()), help=f"{HELP[key]} (default: {default!r})", **flag)
 
 
 def run_train(args: argparse.Namespace) -> int:
