@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,16 +131,11 @@ def table3(runs: Path, data_dir: str | None) -> list[str]:
 
 @torch.no_grad()
 def deployed_latency_ms(model: torch.nn.Module, batch: int, repeats: int = 30) -> float:
-    """Median latency of the deployed model on a (batch, 1, 28, 28) input, 2 threads."""
-    deployed = fs.deploy(model.eval())
-    x = torch.randn(batch, 1, 28, 28)
-    for _ in range(3):
-        deployed(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        deployed(x)
-        times.append(time.perf_counter() - t)
+    """Median latency of the deployed model on a (batch, 1, 28, 28) input."""
+    from fewshifts.deploy.bench import interleaved_times
+
+    times = interleaved_times({"deployed": fs.deploy(model.eval())}, torch.randn(batch, 1, 28, 28), repeats,
+                              warmup=3)["deployed"]
     return 1e3 * sorted(times)[len(times) // 2]
 
 
