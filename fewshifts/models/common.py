@@ -171,7 +171,8 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def count_params_madds(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, float]:
+def count_params_madds(model: nn.Module, input_size=(3, 224, 224),
+                       device: torch.device | str = "cpu") -> tuple[int, float]:
     """(parameters, multiply-adds) of ``model`` on one input of ``input_size``; MAdds = FLOPs / 2 measured by
     ``torch.utils.flop_counter.FlopCounterMode`` (shift layers are custom ops and count zero, as in the papers)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -180,7 +181,7 @@ def count_params_madds(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int,
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size))
+            model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2

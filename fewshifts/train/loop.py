@@ -35,12 +35,13 @@ from fewshifts.layers import (
     shift_sparsity,
 )
 from fewshifts.models import create_model, save_model
+from fewshifts.models.common import count_params_madds
 from fewshifts.models.io import MODEL_FILE
 from fewshifts.train.checkpoint import list_checkpoints, load_for_resume, save_checkpoint
 from fewshifts.train.config import at_step, check_keys, coerce_numbers, validate
 from fewshifts.train.records import MetricsLog, Progress, format_time, summary_line, write_summary
 
-__all__ = ["train", "evaluate", "count_madds", "StopTraining"]
+__all__ = ["train", "evaluate", "StopTraining"]
 
 
 class StopTraining(Exception):
@@ -248,7 +249,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 sparsity=shift_sparsity(model),
                 layer_sparsity={name: m.sparsity() for name, m in shift_layers(model)},
                 params=sum(t.numel() for t in model.parameters()),
-                madds=count_madds(model, (in_chans, image_size, image_size), device),
+                madds=int(count_params_madds(model, (in_chans, image_size, image_size), device)[1]),
                 wall_time_s=wall, steps=total, epochs=total / per_epoch, world_size=world, device=str(device),
                 precision=cfg["precision"], backend=os.environ.get("FEWSHIFTS_BACKEND", "auto"),
                 ranks_identical=identical, run_dir=str(out),
@@ -336,19 +337,6 @@ def evaluate(model: nn.Module, loader, world: int = 1, autocast=None) -> tuple[f
     model.train(was_training)
     sums = all_reduce(sums, world)
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
-
-
-@torch.no_grad()
-def count_madds(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> int:
-    """Multiply-adds of one forward pass at batch 1 (FlopCounterMode FLOPs / 2, design.md section 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape, device=device))
-    model.train(was_training)
-    return counter.get_total_flops() // 2
 
 
 def check_ranks_identical(model: nn.Module, world: int) -> bool | None:
