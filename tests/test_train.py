@@ -175,10 +175,8 @@ class NaNAfter(nn.Module):
         return out * float("nan") if self.calls > self.after else out
 
 
-if "nan_after_3" not in list_models():
-    @register_model
-    def nan_after_3(**kwargs):
-        return NaNAfter(**kwargs)
+def nan_after_3(**kwargs):
+    return NaNAfter(**kwargs)
 
 
 class SignalAt(NaNAfter):
@@ -190,12 +188,24 @@ class SignalAt(NaNAfter):
         return super().forward(x)
 
 
-if "sigint_at_3" not in list_models():
-    @register_model
-    def sigint_at_3(**kwargs):
-        return SignalAt(after=10**9, **kwargs)
+def sigint_at_3(**kwargs):
+    return SignalAt(after=10**9, **kwargs)
 
 
+@pytest.fixture
+def fault_models():
+    """Register the fault-injecting models for one test only: registering them at import would add them to the
+    registry that other test modules parametrize over (their result then depended on collection order)."""
+    from fewshifts.models.registry import _MODELS
+
+    for fn in (nan_after_3, sigint_at_3):
+        register_model(fn)
+    yield
+    for fn in (nan_after_3, sigint_at_3):
+        _MODELS.pop(fn.__name__, None)
+
+
+@pytest.mark.usefixtures("fault_models")
 def test_sigint_finishes_the_step_checkpoints_and_exits(data_dir, tmp_path):
     with pytest.raises(StopTraining, match="signal SIGINT") as stop:
         train(tiny(data_dir, tmp_path / "run", model="sigint_at_3", model_kwargs={}, shift=None, shift_penalty=0.0))
@@ -204,6 +214,7 @@ def test_sigint_finishes_the_step_checkpoints_and_exits(data_dir, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+@pytest.mark.usefixtures("fault_models")
 def test_nan_loss_stops_naming_the_step(data_dir, tmp_path):
     with pytest.raises(StopTraining, match="not finite at step 4") as stop:
         train(tiny(data_dir, tmp_path / "run", model="nan_after_3", model_kwargs={}, shift=None, ckpt_every=1,
