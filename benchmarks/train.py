@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -79,12 +78,9 @@ class Runner:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from fewshifts.deploy.bench import cpu_name
+
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}; {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} "
             f"threads; load average at the end {load} (machine shared with other jobs)")

@@ -22,7 +22,7 @@ from fewshifts.models import create_model, list_models, load_model, register_mod
 from fewshifts.train import StopTraining, list_presets, resolve, train
 from fewshifts.train.checkpoint import list_checkpoints, load_checkpoint
 from fewshifts.train.config import at_step, load_preset
-from fewshifts.train.loop import lr_factor
+from fewshifts.train.loop import lr_factor, onednn_unsafe_convs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"base_width": 4, "expansion": 1}
@@ -247,13 +247,37 @@ def test_asl_normalized_gradient_moves_each_shift_by_the_shift_lr(data_dir, tmp_
 
 
 def test_frozen_shifts_stop_moving_and_bf16_runs(data_dir, tmp_path):
+    # base width 16: channels_last refuses narrower strided 1x1 convs (oneDNN bug, see the next tests)
     train(tiny(data_dir, tmp_path / "a", steps=4, freeze_shifts_at=2, ckpt_every=2, precision="bf16",
-               channels_last=True))
+               channels_last=True, model_kwargs={"base_width": 16, "expansion": 1}))
     early = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000002")[0]
     late = load_model(tmp_path / "a").state_dict()
     shifts = [k for k in late if k.endswith("shifts")]
     assert shifts and all(torch.equal(early[k], late[k]) for k in shifts)
     assert any(not torch.equal(early[k], late[k]) for k in late if k.endswith("weight"))
+
+
+def test_channels_last_refuses_convs_that_crash_onednn(data_dir, tmp_path):
+    # the tiny model's downsampling shortcuts are stride-2 1x1 convs from 4 channels (uxlfoundation/oneDNN#6035)
+    with pytest.raises(ValueError, match=r"--channels-last on CPU: 2 strided 1x1 .*oneDNN#6035"):
+        train(tiny(data_dir, tmp_path / "run", channels_last=True))
+    assert onednn_unsafe_convs(create_model("shiftresnet20", in_chans=1, num_classes=10)) == []
+
+
+@pytest.mark.slow
+def test_compile_trains_and_matches_eager_loss(data_dir, tmp_path):
+    """--compile used to crash here: inductor made the tiny model channels_last, reaching the oneDNN bug."""
+    import torch._inductor.config as inductor_config
+
+    layout = inductor_config.layout_optimization
+    try:
+        eager = train(tiny(data_dir, tmp_path / "eager", steps=2))
+        compiled = train(tiny(data_dir, tmp_path / "compiled", steps=2, compile=True))
+    finally:
+        inductor_config.layout_optimization = layout
+    assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=1 / 32)
+    a, b = load_model(tmp_path / "eager").state_dict(), load_model(tmp_path / "compiled").state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3) for k in a)
 
 
 # ------------------------------------------------------------------ processes: signals and DDP

@@ -144,7 +144,7 @@ def _allocator() -> str:
                                                                   else "glibc malloc")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -168,7 +168,7 @@ def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...]
         raise ValueError(f"models not registered: {missing} (FE-Net / MobileNetV2 come with the models branch)")
     results = dict(rows=[], breakdown={}, size=size, threads=threads, repeats=repeats,
                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   machine=f"{_cpu_name()}, {os.cpu_count()} logical CPUs visible", allocator=_allocator(),
+                   machine=f"{cpu_name()}, {os.cpu_count()} logical CPUs visible", allocator=_allocator(),
                    torch=torch.__version__, shift_backend=name_for(torch.zeros(1)))
     try:
         import onnxruntime

@@ -85,6 +85,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
         if weights is not None:
             model.load_state_dict(weights)
         model.to(device)
+        check_onednn_layout(model, cfg, device)
         if cfg["channels_last"]:
             model.to(memory_format=torch.channels_last)
         # -------------------------------------------------------------- data
@@ -279,6 +280,30 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def onednn_unsafe_convs(model: nn.Module) -> list[str]:
+    """Strided 1x1 convolutions with fewer than 16 input channels per group. oneDNN's channels_last
+    backward-weights kernel for them writes past its workspace on x86 CPUs (IC < 8 with AVX2, < 16 with
+    AVX-512; uxlfoundation/oneDNN#6035), corrupting the heap: a crash or a silently wrong gradient."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+            and max(m.stride) > 1 and m.in_channels // m.groups < 16]
+
+
+def check_onednn_layout(model: nn.Module, cfg: dict, device: torch.device) -> None:
+    """Keep CPU training off the oneDNN bug of :func:`onednn_unsafe_convs`: ``--channels-last`` is refused with
+    the layers named, and ``--compile`` keeps the model's NCHW layout (inductor would switch convs to NHWC)."""
+    unsafe = onednn_unsafe_convs(model) if device.type == "cpu" else []
+    if not unsafe:
+        return
+    if cfg["channels_last"]:
+        raise ValueError(f"--channels-last on CPU: {len(unsafe)} strided 1x1 convolution(s) with fewer than 16 input "
+                         f"channels ({', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''}) hit a oneDNN bug "
+                         "in channels_last backward (uxlfoundation/oneDNN#6035); train without --channels-last")
+    if cfg["compile"]:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
 
 
 def wrap(model: nn.Module, cfg: dict, world: int, device: torch.device) -> nn.Module:
