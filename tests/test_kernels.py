@@ -135,10 +135,12 @@ def test_bilinear_kernels_match_reference(kernels, case):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("channels", [320, 20])
+@pytest.mark.parametrize("channels", [320, 20, 96, 100])
 def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
     """channels_last copies runs of channels sharing a shift (grouped shifts, 320 channels: runs of 35) or, for
-    short runs (20 channels: runs of 2), channel by channel; both against the reference."""
+    short runs (20 channels: runs of 2), channel by channel, or for runs of about a vector (96 and 100 channels:
+    runs of 10-11, a partial last vector) whole vectors selecting from two source pixels; all against the
+    reference."""
     x = torch.randn(2, channels, 5, 6).contiguous(memory_format=torch.channels_last)
     shifts = fs.grouped_shifts(channels)
     out = kernels.shift_forward(x, shifts, stride)

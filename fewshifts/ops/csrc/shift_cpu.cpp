@@ -272,6 +272,129 @@ void move_nhwc(const T* src, T* dst, const Move& m) {
   });
 }
 
+// channels_last integer movement on whole 32-byte vectors of channels (forward, and the stride-1 adjoint: maps
+// o -> o*S + d on every axis). Per vector the distinct displacements of its lanes are listed with a lane mask;
+// a pixel's vector is the OR of (source pixel at d) AND mask over the listed d that lie inside the image, so
+// lanes whose source is outside stay zero, and the bits are moved exactly. Grouped shifts of few channels give
+// one or two displacements per vector (one or two loads per 32 bytes). Returns false (nothing done) where
+// move_nhwc is used instead.
+template <typename U>
+struct UVec;
+template <>
+struct UVec<uint16_t> {
+  typedef uint16_t V __attribute__((vector_size(32)));
+};
+template <>
+struct UVec<uint32_t> {
+  typedef uint32_t V __attribute__((vector_size(32)));
+};
+template <>
+struct UVec<uint64_t> {
+  typedef uint64_t V __attribute__((vector_size(32)));
+};
+
+template <typename U>
+bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
+  using VU = typename UVec<U>::V;
+  constexpr int64_t L = 32 / sizeof(U);
+  const int64_t C = m.C, S = m.rows[0].sstep;
+  for (int64_t c = 0; c < C; ++c) {
+    const Seg &r = m.rows[c], &k = m.cols[c];
+    if (r.ostep != 1 || k.ostep != 1 || r.sstep != S || k.sstep != S) return false;
+  }
+  struct Plan {
+    int64_t c0, len;
+    std::vector<int64_t> dy, dx;
+    std::vector<VU> mask;
+  };
+  std::vector<Plan> plans;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    Plan p{c0, std::min(L, C - c0), {}, {}, {}};
+    for (int64_t k = 0; k < p.len; ++k) {
+      const Seg &r = m.rows[c0 + k], &s = m.cols[c0 + k];
+      const int64_t dy = r.s0 - r.o0 * S, dx = s.s0 - s.o0 * S;
+      size_t e = 0;
+      while (e < p.dy.size() && (p.dy[e] != dy || p.dx[e] != dx)) ++e;
+      if (e == p.dy.size()) {
+        p.dy.push_back(dy);
+        p.dx.push_back(dx);
+        p.mask.push_back(VU{});
+      }
+      p.mask[e][k] = ~U(0);
+    }
+    plans.push_back(std::move(p));
+  }
+  // Only where it measured faster than move_nhwc (AVX2, Zen 3): short runs (which move_nhwc copies channel by
+  // channel) with at most two displacements per vector on average (grouped shifts of few channels).
+  int64_t runs = 1, listed = 0;
+  for (int64_t c = 1; c < C; ++c) runs += !(m.rows[c] == m.rows[c - 1] && m.cols[c] == m.cols[c - 1]);
+  for (const Plan& p : plans) listed += static_cast<int64_t>(p.dy.size());
+  if (C >= 32 * runs || listed > 2 * static_cast<int64_t>(plans.size())) return false;
+  parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
+    const U* rp[L];
+    int64_t dxs[L], lo[L], hi[L];
+    VU mk[L];
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / m.Hd, i = q % m.Hd;
+      const U* sn = src + n * m.Hs * m.Ws * C;
+      U* orow = dst + q * m.Wd * C;
+      for (const Plan& p : plans) {
+        int64_t K = 0, jlo = 0, jhi = m.Wd;  // [jlo, jhi): columns where every listed displacement is inside
+        for (size_t e = 0; e < p.dy.size(); ++e) {
+          const int64_t r = i * S + p.dy[e];
+          if (r < 0 || r >= m.Hs) continue;
+          const int64_t dx = p.dx[e];
+          rp[K] = sn + r * m.Ws * C + p.c0;
+          dxs[K] = dx;
+          mk[K] = p.mask[e];
+          lo[K] = std::max<int64_t>(0, -floordiv(dx, S));
+          hi[K] = m.Ws - 1 - dx >= 0 ? std::min(m.Wd, floordiv(m.Ws - 1 - dx, S) + 1) : 0;
+          jlo = std::max(jlo, lo[K]);
+          jhi = std::min(jhi, hi[K]);
+          ++K;
+        }
+        U* o = orow + p.c0;
+        auto load = [&](const U* s) {
+          VU v{};
+          std::memcpy(&v, s, p.len * sizeof(U));
+          return v;
+        };
+        auto store = [&](U* d, const VU& v) { std::memcpy(d, &v, p.len * sizeof(U)); };
+        auto checked = [&](int64_t j) {
+          VU acc{};
+          for (int64_t t = 0; t < K; ++t)
+            if (j >= lo[t] && j < hi[t]) acc |= load(rp[t] + (j * S + dxs[t]) * C) & mk[t];
+          store(o + j * C, acc);
+        };
+        if (jlo >= jhi) {
+          for (int64_t j = 0; j < m.Wd; ++j) checked(j);
+          continue;
+        }
+        for (int64_t j = 0; j < jlo; ++j) checked(j);
+        if (p.len == L) {
+          for (int64_t j = jlo; j < jhi; ++j) {
+            VU acc{};
+            for (int64_t t = 0; t < K; ++t) {
+              VU v;
+              std::memcpy(&v, rp[t] + (j * S + dxs[t]) * C, sizeof(v));
+              acc |= v & mk[t];
+            }
+            std::memcpy(o + j * C, &acc, sizeof(acc));
+          }
+        } else {
+          for (int64_t j = jlo; j < jhi; ++j) {
+            VU acc{};
+            for (int64_t t = 0; t < K; ++t) acc |= load(rp[t] + (j * S + dxs[t]) * C) & mk[t];
+            store(o + j * C, acc);
+          }
+        }
+        for (int64_t j = jhi; j < m.Wd; ++j) checked(j);
+      }
+    }
+  });
+  return true;
+}
+
 template <typename F>
 void dispatch_by_size(const Tensor& x, const F& f) {
   switch (x.element_size()) {
@@ -288,7 +411,11 @@ void run_move(const Tensor& src, Tensor& dst, const Move& m, bool channels_last)
     using T = decltype(tag);
     const T* s = static_cast<const T*>(src.const_data_ptr());
     T* d = static_cast<T*>(dst.data_ptr());
-    channels_last ? move_nhwc(s, d, m) : move_nchw(s, d, m);
+    if (!channels_last) {
+      move_nchw(s, d, m);
+    } else if (!move_nhwc_vec(s, d, m)) {
+      move_nhwc(s, d, m);
+    }
   });
 }
 
@@ -887,54 +1014,58 @@ inline void grad_run_n(int64_t nx, const T* g, const T* x, int64_t C, int64_t j0
   }
 }
 
-// Whole rows (all C channels) of one NHWC image, packed as A values into a ring of slots: columns [x0, x0 + pw),
-// zero outside the image, pixel stride cp = C rounded up to whole vectors (padding lanes zero) and then to an odd
-// number of 64-byte lines, so that the pixels of a row spread over all L1 sets (with the image's own stride, C
-// elements, they map onto a few sets and evict each other). Rows are packed on first use by a contiguous copy and
-// reused by the next output rows; the kernels read them with no bounds checks.
+// Whole rows (all C channels) of one NHWC image, packed as A values into a ring of slots, columns [x0, x0 + pw) with
+// zeros outside the image, in tiles of TL channels (4 vectors, 128 bytes): slot [tile][column][TL lanes], padding
+// lanes zero. The vector kernels go through a row tile by tile, so what they read of the packed rows stays in L1
+// (the image itself, with pixel stride C, maps a row's pixels onto a few L1 sets and would evict them). Rows are
+// packed on first use (contiguous reads of the image) and reused by the next output rows; no bounds checks.
 template <typename T, typename A>
 struct RowRing {
+  static constexpr int64_t TL = 128 / sizeof(A), VT = TL / Vec<A>::L;  // lanes and vectors per tile
   std::vector<A> buf;
   std::vector<int64_t> tag;
   const T* img = nullptr;
-  int64_t H = 0, W = 0, C = 0, cp = 0, x0 = 0, pw = 0;
+  int64_t H = 0, W = 0, C = 0, x0 = 0, pw = 0, tiles = 0;
 
-  static int64_t stride_for(int64_t C) {
-    constexpr int64_t L = Vec<A>::L, line = 64 / sizeof(A);
-    int64_t cp = (C + L - 1) / L * L;
-    if ((cp + line - 1) / line % 2 == 0) cp = (cp + line - 1) / line * line + line;
-    return cp;
-  }
   void reset(const T* img_, int64_t H_, int64_t W_, int64_t C_, int64_t x0_, int64_t pw_, int64_t slots) {
-    img = img_, H = H_, W = W_, C = C_, x0 = x0_, pw = pw_, cp = stride_for(C_);
-    buf.resize(slots * pw * cp);
+    img = img_, H = H_, W = W_, C = C_, x0 = x0_, pw = pw_, tiles = (C + TL - 1) / TL;
+    buf.resize(slots * tiles * pw * TL);
     tag.assign(slots, -1);
   }
-  // columns x0 .. x0 + pw - 1 of source row r (in [0, H))
+  // packed source row r (in [0, H))
   const A* row(int64_t r) {
     const int64_t slot = r % static_cast<int64_t>(tag.size());
-    A* const base = buf.data() + slot * pw * cp;
+    A* const base = buf.data() + slot * tiles * pw * TL;
     if (tag[slot] != r) {
       tag[slot] = r;
       pack(img + r * W * C, base);
     }
     return base;
   }
+  // lanes of channel vector v at packed column col (image column x0 + col); the next column is TL further
+  const A* at(const A* base, int64_t v, int64_t col) const {
+    return base + (v / VT * pw + col) * TL + v % VT * Vec<A>::L;
+  }
   void pack(const T* src, A* d) const {
-    for (int64_t t = 0; t < pw; ++t, d += cp) {
+    for (int64_t t = 0; t < pw; ++t) {
       const int64_t xc = x0 + t;
-      int64_t k = 0;
-      if (xc >= 0 && xc < W) {
-        const T* s = src + xc * C;
-        if constexpr (std::is_same<T, A>::value) {
-          std::memcpy(d, s, C * sizeof(A));
+      A* dt = d + t * TL;
+      if (xc < 0 || xc >= W) {
+        for (int64_t k = 0; k < tiles; ++k) std::fill(dt + k * pw * TL, dt + k * pw * TL + TL, A(0));
+        continue;
+      }
+      const T* s = src + xc * C;
+      for (int64_t k = 0; k < tiles; ++k, s += TL) {
+        const int64_t n = std::min(TL, C - k * TL);
+        A* o = dt + k * pw * TL;
+        if (std::is_same<T, A>::value && n == TL) {
+          std::memcpy(o, s, TL * sizeof(A));  // constant size: inlined vector moves
         } else {
 #pragma omp simd
-          for (int64_t q = 0; q < C; ++q) d[q] = static_cast<A>(s[q]);
+          for (int64_t q = 0; q < n; ++q) o[q] = static_cast<A>(s[q]);
         }
-        k = C;
+        if (n < TL) std::fill(o + n, o + TL, A(0));
       }
-      std::fill(d + k, d + cp, A(0));
     }
   }
 };
@@ -1009,10 +1140,9 @@ void shift_grad_nhwc_vec(const T* g, const T* x, int64_t N, int64_t C, int64_t H
       xr.reset(x + n * H * W * C, H, W, C, dx0, (Wo - 1) * S + dx1 - dx0 + 1,
                std::min<int64_t>(dy1 - dy0 + 1 + S, 16));
       gr.reset(g + n * Ho * Wo * C, Ho, Wo, C, 0, Wo, 1);
-      const int64_t cp = xr.cp;
       std::fill(sums.begin(), sums.end(), 0.0);
       for (int64_t i = i0; i < i1; ++i) {
-        const A* gp = gr.row(i);
+        const A* gbase = gr.row(i);
         double* s = sums.data();
         for (int64_t v = 0; v < nv; ++v) {
           const VecPlan<A>& p = plans[v];
@@ -1024,8 +1154,8 @@ void shift_grad_nhwc_vec(const T* g, const T* x, int64_t N, int64_t C, int64_t H
             while (nx < 5 && e + nx < K && p.d[e + nx].dy == dy && p.d[e + nx].dx == d0 + nx) ++nx;
             const int64_t r = i * S + dy;
             if (r >= 0 && r < H) {
-              const A* xp = xr.row(r) + (d0 - dx0) * cp + p.c0;
-              grad_run_n<S, true, A, A>(nx, gp + p.c0, xp, cp, 0, Wo, L, row.data() + e);
+              const A* xp = xr.at(xr.row(r), v, d0 - dx0);
+              grad_run_n<S, true, A, A>(nx, gr.at(gbase, v, 0), xp, xr.TL, 0, Wo, L, row.data() + e);
             }
             e += nx;
           }
@@ -1130,24 +1260,25 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
       ring.reset(src + n * Hs * Ws * C, Hs, Ws, C, dx0, pw, slots);
       for (int64_t i = i0; i < i1; ++i) {
         T* orow = dst + (n * Ho + i) * Wo * C;
-        for (const VecPlan<A>& p : plans) {
+        for (int64_t v = 0; v < static_cast<int64_t>(plans.size()); ++v) {
+          const VecPlan<A>& p = plans[v];
           int64_t m = 0;
           for (size_t e = 0; e < p.d.size(); ++e) {
             const int64_t r = i * S + p.d[e].dy;
             if (r < 0 || r >= Hs) continue;
-            ptr[m] = ring.row(r) + (p.d[e].dx - dx0) * ring.cp + p.c0;
+            ptr[m] = ring.at(ring.row(r), v, p.d[e].dx - dx0);
             cf[m] = &p.coef[e * L];
             mk[m] = &p.mask[e * L];
             ++m;
           }
-          const V chk = bilinear_vec_row<S, false>(ptr.data(), cf.data(), mk.data(), m, ring.cp, Wo, C, orow + p.c0,
+          const V chk = bilinear_vec_row<S, false>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0,
                                                    p.len);
           A lanes[L];
           std::memcpy(lanes, &chk, sizeof(lanes));
           bool finite = true;
           for (int k = 0; k < L; ++k) finite &= lanes[k] == A(0);
           if (!finite)
-            bilinear_vec_row<S, true>(ptr.data(), cf.data(), mk.data(), m, ring.cp, Wo, C, orow + p.c0, p.len);
+            bilinear_vec_row<S, true>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0, p.len);
         }
       }
     }
