@@ -135,10 +135,12 @@ def test_bilinear_kernels_match_reference(kernels, case):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("channels", [320, 20])
+@pytest.mark.parametrize("channels", [320, 20, 96, 100])
 def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
     """channels_last copies runs of channels sharing a shift (grouped shifts, 320 channels: runs of 35) or, for
-    short runs (20 channels: runs of 2), channel by channel; both against the reference."""
+    short runs (20 channels: runs of 2), channel by channel, or for runs of about a vector (96 and 100 channels:
+    runs of 10-11, a partial last vector) whole vectors selecting from two source pixels; all against the
+    reference."""
     x = torch.randn(2, channels, 5, 6).contiguous(memory_format=torch.channels_last)
     shifts = fs.grouped_shifts(channels)
     out = kernels.shift_forward(x, shifts, stride)
@@ -146,6 +148,40 @@ def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
     g = torch.randn_like(out)
     ref = reference.shift_backward(g, shifts, stride, 5, 6)
     assert torch.equal(kernels.shift_backward(g, shifts, stride, 5, 6), ref)
+
+
+@pytest.mark.parametrize("reach", [1.0, 1.5, 3.0])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [5, 8, 13, 40])
+def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, stride, reach):
+    """channels_last bilinear kernels on whole channel vectors (8 float / 4 double lanes, a partial last vector):
+    shifts within a few pixels, whose corner displacements the vector kernels list per vector (larger spreads
+    take the per-block kernels, covered by the random cases above)."""
+    g = torch.Generator().manual_seed(channels)
+    N, H, W = (1, 37, 13) if channels == 40 else (3, 11, 13)  # one image split into blocks of rows, or three whole
+    x = torch.randn(N, channels, H, W, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    real_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    real = ((torch.rand(channels, 2, generator=g, dtype=torch.float64) * 2 - 1) * reach).to(real_dtype)
+    real[0] = torch.tensor([0.0, 1.0])  # integral: three corner weights 0
+    Ho, Wo = reference.output_size(H, stride), reference.output_size(W, stride)
+    grad = torch.randn(N, channels, Ho, Wo, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = kernels.bilinear_forward(x, real, stride)
+    _assert_same_format(out, reference.bilinear_forward(x, real, stride))
+    torch.testing.assert_close(out, reference.bilinear_forward(x, real, stride), **_tol(dtype))
+    gx, gs = kernels.bilinear_backward(grad, x, real, stride)
+    torch.testing.assert_close(gx, reference.bilinear_backward_input(grad, real, stride, H, W), **_tol(dtype))
+    ref_gs = reference.bilinear_backward_shifts(grad, x, real, stride)
+    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / channels + 1
+    eps = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+    # the same gradient whatever the number of threads (fixed summation order)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.bilinear_backward_shifts(grad, x, real, stride), gs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <torch/python.h>  // pybind11 and the Tensor type caster (lighter than torch/extension.h)
@@ -271,6 +272,129 @@ void move_nhwc(const T* src, T* dst, const Move& m) {
   });
 }
 
+// channels_last integer movement on whole 32-byte vectors of channels (forward, and the stride-1 adjoint: maps
+// o -> o*S + d on every axis). Per vector the distinct displacements of its lanes are listed with a lane mask;
+// a pixel's vector is the OR of (source pixel at d) AND mask over the listed d that lie inside the image, so
+// lanes whose source is outside stay zero, and the bits are moved exactly. Grouped shifts of few channels give
+// one or two displacements per vector (one or two loads per 32 bytes). Returns false (nothing done) where
+// move_nhwc is used instead.
+template <typename U>
+struct UVec;
+template <>
+struct UVec<uint16_t> {
+  typedef uint16_t V __attribute__((vector_size(32)));
+};
+template <>
+struct UVec<uint32_t> {
+  typedef uint32_t V __attribute__((vector_size(32)));
+};
+template <>
+struct UVec<uint64_t> {
+  typedef uint64_t V __attribute__((vector_size(32)));
+};
+
+template <typename U>
+bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
+  using VU = typename UVec<U>::V;
+  constexpr int64_t L = 32 / sizeof(U);
+  const int64_t C = m.C, S = m.rows[0].sstep;
+  for (int64_t c = 0; c < C; ++c) {
+    const Seg &r = m.rows[c], &k = m.cols[c];
+    if (r.ostep != 1 || k.ostep != 1 || r.sstep != S || k.sstep != S) return false;
+  }
+  struct Plan {
+    int64_t c0, len;
+    std::vector<int64_t> dy, dx;
+    std::vector<VU> mask;
+  };
+  std::vector<Plan> plans;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    Plan p{c0, std::min(L, C - c0), {}, {}, {}};
+    for (int64_t k = 0; k < p.len; ++k) {
+      const Seg &r = m.rows[c0 + k], &s = m.cols[c0 + k];
+      const int64_t dy = r.s0 - r.o0 * S, dx = s.s0 - s.o0 * S;
+      size_t e = 0;
+      while (e < p.dy.size() && (p.dy[e] != dy || p.dx[e] != dx)) ++e;
+      if (e == p.dy.size()) {
+        p.dy.push_back(dy);
+        p.dx.push_back(dx);
+        p.mask.push_back(VU{});
+      }
+      p.mask[e][k] = ~U(0);
+    }
+    plans.push_back(std::move(p));
+  }
+  // Only where it measured faster than move_nhwc (AVX2, Zen 3): short runs (which move_nhwc copies channel by
+  // channel) with at most two displacements per vector on average (grouped shifts of few channels).
+  int64_t runs = 1, listed = 0;
+  for (int64_t c = 1; c < C; ++c) runs += !(m.rows[c] == m.rows[c - 1] && m.cols[c] == m.cols[c - 1]);
+  for (const Plan& p : plans) listed += static_cast<int64_t>(p.dy.size());
+  if (C >= 32 * runs || listed > 2 * static_cast<int64_t>(plans.size())) return false;
+  parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
+    const U* rp[L];
+    int64_t dxs[L], lo[L], hi[L];
+    VU mk[L];
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t n = q / m.Hd, i = q % m.Hd;
+      const U* sn = src + n * m.Hs * m.Ws * C;
+      U* orow = dst + q * m.Wd * C;
+      for (const Plan& p : plans) {
+        int64_t K = 0, jlo = 0, jhi = m.Wd;  // [jlo, jhi): columns where every listed displacement is inside
+        for (size_t e = 0; e < p.dy.size(); ++e) {
+          const int64_t r = i * S + p.dy[e];
+          if (r < 0 || r >= m.Hs) continue;
+          const int64_t dx = p.dx[e];
+          rp[K] = sn + r * m.Ws * C + p.c0;
+          dxs[K] = dx;
+          mk[K] = p.mask[e];
+          lo[K] = std::max<int64_t>(0, -floordiv(dx, S));
+          hi[K] = m.Ws - 1 - dx >= 0 ? std::min(m.Wd, floordiv(m.Ws - 1 - dx, S) + 1) : 0;
+          jlo = std::max(jlo, lo[K]);
+          jhi = std::min(jhi, hi[K]);
+          ++K;
+        }
+        U* o = orow + p.c0;
+        auto load = [&](const U* s) {
+          VU v{};
+          std::memcpy(&v, s, p.len * sizeof(U));
+          return v;
+        };
+        auto store = [&](U* d, const VU& v) { std::memcpy(d, &v, p.len * sizeof(U)); };
+        auto checked = [&](int64_t j) {
+          VU acc{};
+          for (int64_t t = 0; t < K; ++t)
+            if (j >= lo[t] && j < hi[t]) acc |= load(rp[t] + (j * S + dxs[t]) * C) & mk[t];
+          store(o + j * C, acc);
+        };
+        if (jlo >= jhi) {
+          for (int64_t j = 0; j < m.Wd; ++j) checked(j);
+          continue;
+        }
+        for (int64_t j = 0; j < jlo; ++j) checked(j);
+        if (p.len == L) {
+          for (int64_t j = jlo; j < jhi; ++j) {
+            VU acc{};
+            for (int64_t t = 0; t < K; ++t) {
+              VU v;
+              std::memcpy(&v, rp[t] + (j * S + dxs[t]) * C, sizeof(v));
+              acc |= v & mk[t];
+            }
+            std::memcpy(o + j * C, &acc, sizeof(acc));
+          }
+        } else {
+          for (int64_t j = jlo; j < jhi; ++j) {
+            VU acc{};
+            for (int64_t t = 0; t < K; ++t) acc |= load(rp[t] + (j * S + dxs[t]) * C) & mk[t];
+            store(o + j * C, acc);
+          }
+        }
+        for (int64_t j = jhi; j < m.Wd; ++j) checked(j);
+      }
+    }
+  });
+  return true;
+}
+
 template <typename F>
 void dispatch_by_size(const Tensor& x, const F& f) {
   switch (x.element_size()) {
@@ -287,7 +411,11 @@ void run_move(const Tensor& src, Tensor& dst, const Move& m, bool channels_last)
     using T = decltype(tag);
     const T* s = static_cast<const T*>(src.const_data_ptr());
     T* d = static_cast<T*>(dst.data_ptr());
-    channels_last ? move_nhwc(s, d, m) : move_nchw(s, d, m);
+    if (!channels_last) {
+      move_nchw(s, d, m);
+    } else if (!move_nhwc_vec(s, d, m)) {
+      move_nhwc(s, d, m);
+    }
   });
 }
 
@@ -738,6 +866,426 @@ void shift_grad_nhwc(const T* g, const T* x, int64_t N, int64_t C, int64_t H, in
     }
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// channels_last bilinear kernels on whole channel vectors (32 bytes: 8 float or 4 double lanes, GCC vector types).
+// For each vector of channels the distinct corner displacements of its lanes are listed once (VecPlan); a pixel
+// then costs one unmasked, contiguous multiply-add per listed displacement, for all lanes at once (lanes that do
+// not use a displacement have weight 0 there, or their sum is never read).
+
+template <typename A>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef uint32_t U;
+  typedef U M __attribute__((vector_size(32)));
+  static constexpr int L = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef uint64_t U;
+  typedef U M __attribute__((vector_size(32)));
+  static constexpr int L = 4;
+};
+
+// Lanes [0, len) of a channel vector converted to A (len == L when Full); missing lanes read 0.
+template <bool Full, typename A, typename T>
+inline typename Vec<A>::V vload(const T* p, int64_t len) {
+  typename Vec<A>::V v;
+  if constexpr (Full && std::is_same<A, T>::value) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (Full && std::is_same<T, c10::BFloat16>::value && std::is_same<A, float>::value) {
+    typedef uint16_t H __attribute__((vector_size(16)));
+    typedef uint32_t U __attribute__((vector_size(32)));
+    H h;
+    std::memcpy(&h, p, sizeof(h));
+    const U u = __builtin_convertvector(h, U) << 16;  // bfloat16 is the top half of a float
+    std::memcpy(&v, &u, sizeof(v));
+  } else {
+    A t[Vec<A>::L] = {};
+    for (int64_t k = 0; k < len; ++k) t[k] = static_cast<A>(p[k]);
+    std::memcpy(&v, t, sizeof(v));
+  }
+  return v;
+}
+
+template <bool Full, typename A, typename T>
+inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
+  if constexpr (Full && std::is_same<A, T>::value) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    A t[Vec<A>::L];
+    std::memcpy(t, &v, sizeof(v));
+    for (int64_t k = 0; k < len; ++k) p[k] = static_cast<T>(t[k]);
+  }
+}
+
+struct Disp {
+  int64_t dy, dx;
+  bool operator<(const Disp& o) const { return dy < o.dy || (dy == o.dy && dx < o.dx); }
+  bool operator==(const Disp& o) const { return dy == o.dy && dx == o.dx; }
+};
+
+// One vector of channels [c0, c0 + len): its lanes' corner displacements sign * (fy + oy, fx + ox), distinct and
+// sorted; coef/mask hold, per displacement, each lane's corner weight / all-ones where the lane uses it;
+// slot[4 k + 2 oy + ox] is the index of lane k's corner (oy, ox).
+template <typename A>
+struct VecPlan {
+  using U = typename Vec<A>::U;
+  int64_t c0 = 0, len = 0;
+  std::vector<Disp> d;
+  std::vector<A> coef;
+  std::vector<U> mask;
+  std::vector<int64_t> slot;
+};
+
+template <typename A>
+std::vector<VecPlan<A>> vec_plans(const Bilinear<A>& q, int64_t C, int64_t sign) {
+  constexpr int L = Vec<A>::L;
+  using U = typename Vec<A>::U;
+  std::vector<VecPlan<A>> plans;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    VecPlan<A> p;
+    p.c0 = c0;
+    p.len = std::min<int64_t>(L, C - c0);
+    for (int64_t k = 0; k < p.len; ++k)
+      for (int oy = 0; oy < 2; ++oy)
+        for (int ox = 0; ox < 2; ++ox) p.d.push_back({sign * (q.fy[c0 + k] + oy), sign * (q.fx[c0 + k] + ox)});
+    std::sort(p.d.begin(), p.d.end());
+    p.d.erase(std::unique(p.d.begin(), p.d.end()), p.d.end());
+    p.coef.assign(p.d.size() * L, A(0));
+    p.mask.assign(p.d.size() * L, U(0));
+    p.slot.resize(4 * p.len);
+    for (int64_t k = 0; k < p.len; ++k)
+      for (int oy = 0; oy < 2; ++oy)
+        for (int ox = 0; ox < 2; ++ox) {
+          const Disp e{sign * (q.fy[c0 + k] + oy), sign * (q.fx[c0 + k] + ox)};
+          const int64_t i = std::lower_bound(p.d.begin(), p.d.end(), e) - p.d.begin();
+          p.slot[4 * k + 2 * oy + ox] = i;
+          p.coef[i * L + k] = corner_weight(q, c0 + k, oy, ox);
+          p.mask[i * L + k] = ~U(0);
+        }
+    plans.push_back(std::move(p));
+  }
+  return plans;
+}
+
+// Output positions j in [0, n_out) whose source j*S + d lies in [0, n_in): [lo, hi) (empty: lo >= hi).
+template <int S>
+inline void valid_range(int64_t d, int64_t n_in, int64_t n_out, int64_t& lo, int64_t& hi) {
+  lo = std::max<int64_t>(0, -floordiv(d, S));
+  hi = n_in - 1 - d >= 0 ? std::min(n_out, floordiv(n_in - 1 - d, S) + 1) : 0;
+}
+
+// acc[k] += sum over j in [j0, j1) of g[j] * x[j*S + k] (pixels of C channels; x points at the first column).
+template <int NX, int S, bool Full, typename T, typename A>
+inline void grad_run(const T* g, const T* x, int64_t C, int64_t j0, int64_t j1, int64_t len,
+                     typename Vec<A>::V* acc) {
+  using V = typename Vec<A>::V;
+  V a[NX], b[NX];  // two sets of accumulators (even and odd j): independent FMA chains keep both FMA pipes busy
+  for (int k = 0; k < NX; ++k) a[k] = b[k] = V{};
+  int64_t j = j0;
+  for (; j + 1 < j1; j += 2) {
+    const V g0 = vload<Full, A>(g + j * C, len), g1 = vload<Full, A>(g + (j + 1) * C, len);
+    const T* x0 = x + j * S * C;
+    const T* x1 = x0 + S * C;
+    for (int k = 0; k < NX; ++k) {
+      a[k] += g0 * vload<Full, A>(x0 + k * C, len);
+      b[k] += g1 * vload<Full, A>(x1 + k * C, len);
+    }
+  }
+  if (j < j1) {
+    const V g0 = vload<Full, A>(g + j * C, len);
+    for (int k = 0; k < NX; ++k) a[k] += g0 * vload<Full, A>(x + (j * S + k) * C, len);
+  }
+  for (int k = 0; k < NX; ++k) acc[k] += a[k] + b[k];
+}
+
+template <int S, bool Full, typename T, typename A>
+inline void grad_run_n(int64_t nx, const T* g, const T* x, int64_t C, int64_t j0, int64_t j1, int64_t len,
+                       typename Vec<A>::V* acc) {
+  switch (nx) {
+    case 1: grad_run<1, S, Full, T, A>(g, x, C, j0, j1, len, acc); break;
+    case 2: grad_run<2, S, Full, T, A>(g, x, C, j0, j1, len, acc); break;
+    case 3: grad_run<3, S, Full, T, A>(g, x, C, j0, j1, len, acc); break;
+    case 4: grad_run<4, S, Full, T, A>(g, x, C, j0, j1, len, acc); break;
+    default: grad_run<5, S, Full, T, A>(g, x, C, j0, j1, len, acc); break;
+  }
+}
+
+// Whole rows (all C channels) of one NHWC image, packed as A values into a ring of slots, columns [x0, x0 + pw) with
+// zeros outside the image, in tiles of TL channels (4 vectors, 128 bytes): slot [tile][column][TL lanes], padding
+// lanes zero. The vector kernels go through a row tile by tile, so what they read of the packed rows stays in L1
+// (the image itself, with pixel stride C, maps a row's pixels onto a few L1 sets and would evict them). Rows are
+// packed on first use (contiguous reads of the image) and reused by the next output rows; no bounds checks.
+template <typename T, typename A>
+struct RowRing {
+  static constexpr int64_t TL = 128 / sizeof(A), VT = TL / Vec<A>::L;  // lanes and vectors per tile
+  std::vector<A> buf;
+  std::vector<int64_t> tag;
+  const T* img = nullptr;
+  int64_t H = 0, W = 0, C = 0, x0 = 0, pw = 0, tiles = 0;
+
+  void reset(const T* img_, int64_t H_, int64_t W_, int64_t C_, int64_t x0_, int64_t pw_, int64_t slots) {
+    img = img_, H = H_, W = W_, C = C_, x0 = x0_, pw = pw_, tiles = (C + TL - 1) / TL;
+    buf.resize(slots * tiles * pw * TL);
+    tag.assign(slots, -1);
+  }
+  // packed source row r (in [0, H))
+  const A* row(int64_t r) {
+    const int64_t slot = r % static_cast<int64_t>(tag.size());
+    A* const base = buf.data() + slot * tiles * pw * TL;
+    if (tag[slot] != r) {
+      tag[slot] = r;
+      pack(img + r * W * C, base);
+    }
+    return base;
+  }
+  // lanes of channel vector v at packed column col (image column x0 + col); the next column is TL further
+  const A* at(const A* base, int64_t v, int64_t col) const {
+    return base + (v / VT * pw + col) * TL + v % VT * Vec<A>::L;
+  }
+  void pack(const T* src, A* d) const {
+    for (int64_t t = 0; t < pw; ++t) {
+      const int64_t xc = x0 + t;
+      A* dt = d + t * TL;
+      if (xc < 0 || xc >= W) {
+        for (int64_t k = 0; k < tiles; ++k) std::fill(dt + k * pw * TL, dt + k * pw * TL + TL, A(0));
+        continue;
+      }
+      const T* s = src + xc * C;
+      for (int64_t k = 0; k < tiles; ++k, s += TL) {
+        const int64_t n = std::min(TL, C - k * TL);
+        A* o = dt + k * pw * TL;
+        if (std::is_same<T, A>::value && n == TL) {
+          std::memcpy(o, s, TL * sizeof(A));  // constant size: inlined vector moves
+        } else {
+#pragma omp simd
+          for (int64_t q = 0; q < n; ++q) o[q] = static_cast<A>(s[q]);
+        }
+        if (n < TL) std::fill(o + n, o + TL, A(0));
+      }
+    }
+  }
+};
+
+// Work items of the vector kernels: blocks of output rows of one batch item, sized from the shape only (so the
+// shift gradient's summation order does not depend on the number of threads).
+struct RowBlocks {
+  int64_t per_item, rows, count;  // output rows per block, rows per image, blocks per image
+  RowBlocks(int64_t N, int64_t Ho) : rows(Ho) {
+    const int64_t split = std::max<int64_t>(1, std::min<int64_t>(Ho / 8, (16 + N - 1) / N));
+    per_item = (Ho + split - 1) / split;
+    count = (Ho + per_item - 1) / per_item;
+  }
+};
+
+template <typename A>
+void disp_bounds(const std::vector<VecPlan<A>>& plans, int64_t& dy0, int64_t& dy1, int64_t& dx0, int64_t& dx1) {
+  dx0 = dy0 = std::numeric_limits<int64_t>::max();
+  dx1 = dy1 = std::numeric_limits<int64_t>::min();
+  for (const auto& p : plans)
+    for (const Disp& e : p.d) {
+      dx0 = std::min(dx0, e.dx), dx1 = std::max(dx1, e.dx), dy0 = std::min(dy0, e.dy), dy1 = std::max(dy1, e.dy);
+    }
+}
+
+// s[0, L) += the lanes of v, in double (whole-vector conversions: no store-to-load forwarding stalls)
+inline void add_to_double(double* s, const Vec<float>::V& v) {
+  typedef float F4 __attribute__((vector_size(16)));
+  typedef double D4 __attribute__((vector_size(32)));
+  const F4 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  D4 a, b;
+  std::memcpy(&a, s, sizeof(a));
+  std::memcpy(&b, s + 4, sizeof(b));
+  a += __builtin_convertvector(lo, D4);
+  b += __builtin_convertvector(hi, D4);
+  std::memcpy(s, &a, sizeof(a));
+  std::memcpy(s + 4, &b, sizeof(b));
+}
+
+inline void add_to_double(double* s, const Vec<double>::V& v) {
+  Vec<double>::V a;
+  std::memcpy(&a, s, sizeof(a));
+  a += v;
+  std::memcpy(s, &a, sizeof(a));
+}
+
+// Shift gradient, channels_last. Per vector of channels and per displacement d its lanes use,
+// S_d = sum over output pixels p of g[p] * x[p*S + d] (runs of up to 5 consecutive dx share each load of g), on
+// packed, zero-padded rows; then each channel combines its four corners' sums: d/d dy = (1-b)(S3 - S1) +
+// b(S4 - S2), d/d dx = (1-a)(S2 - S1) + a(S4 - S3). Rows are summed in A, then in double per row block; the
+// blocks' sums are added in order (deterministic whatever the number of threads).
+template <int S, typename T, typename A>
+void shift_grad_nhwc_vec(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho,
+                         int64_t Wo, const Bilinear<A>& q, double* out) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L;
+  const std::vector<VecPlan<A>> plans = vec_plans(q, C, 1);
+  const int64_t nv = static_cast<int64_t>(plans.size());
+  int64_t kmax = 0, tot = 0;
+  for (const auto& p : plans) kmax = std::max<int64_t>(kmax, p.d.size()), tot += p.d.size();
+  int64_t dy0, dy1, dx0, dx1;
+  disp_bounds(plans, dy0, dy1, dx0, dx1);
+  const RowBlocks rb(N, Ho);
+  const int64_t items = N * rb.count;
+  std::vector<double> partial(items * 2 * C, 0.0);
+  parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(tot * L);
+    std::vector<V> row(kmax);
+    RowRing<T, A> xr, gr;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
+      xr.reset(x + n * H * W * C, H, W, C, dx0, (Wo - 1) * S + dx1 - dx0 + 1,
+               std::min<int64_t>(dy1 - dy0 + 1 + S, 16));
+      gr.reset(g + n * Ho * Wo * C, Ho, Wo, C, 0, Wo, 1);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t i = i0; i < i1; ++i) {
+        const A* gbase = gr.row(i);
+        double* s = sums.data();
+        for (int64_t v = 0; v < nv; ++v) {
+          const VecPlan<A>& p = plans[v];
+          const int64_t K = static_cast<int64_t>(p.d.size());
+          std::fill(row.begin(), row.begin() + K, V{});
+          for (int64_t e = 0; e < K;) {
+            const int64_t dy = p.d[e].dy, d0 = p.d[e].dx;
+            int64_t nx = 1;
+            while (nx < 5 && e + nx < K && p.d[e + nx].dy == dy && p.d[e + nx].dx == d0 + nx) ++nx;
+            const int64_t r = i * S + dy;
+            if (r >= 0 && r < H) {
+              const A* xp = xr.at(xr.row(r), v, d0 - dx0);
+              grad_run_n<S, true, A, A>(nx, gr.at(gbase, v, 0), xp, xr.TL, 0, Wo, L, row.data() + e);
+            }
+            e += nx;
+          }
+          for (int64_t e = 0; e < K; ++e, s += L) add_to_double(s, row[e]);
+        }
+      }
+      const double* s = sums.data();
+      for (int64_t v = 0; v < nv; s += plans[v].d.size() * L, ++v) {
+        const VecPlan<A>& p = plans[v];
+        for (int64_t k = 0; k < p.len; ++k) {
+          const int64_t c = p.c0 + k;
+          const double s1 = s[p.slot[4 * k] * L + k], s2 = s[p.slot[4 * k + 1] * L + k];
+          const double s3 = s[p.slot[4 * k + 2] * L + k], s4 = s[p.slot[4 * k + 3] * L + k];
+          const double a = static_cast<double>(q.a[c]), b = static_cast<double>(q.b[c]);
+          partial[item * 2 * C + 2 * c] = (1 - b) * (s3 - s1) + b * (s4 - s2);
+          partial[item * 2 * C + 2 * c + 1] = (1 - a) * (s2 - s1) + a * (s4 - s3);
+        }
+      }
+    }
+  });
+  for (int64_t item = 0; item < items; ++item)
+    for (int64_t k = 0; k < 2 * C; ++k) out[k] += partial[item * 2 * C + k];
+}
+
+// Bilinear forward (plans of sign +1 on x) and stride-1 adjoint (sign -1 on g), channels_last, on whole channel
+// vectors: out[i, j] = sum over the displacements d of its vector of coef_d * src[i*S + dy, j*S + dx], four output
+// pixels at a time (independent FMA chains; each coefficient load serves four pixels), from packed zero-padded
+// rows. Unmasked, a lane adds 0 * src for displacements it does not use, which is not 0 for inf/nan: a row of a
+// vector whose result is not finite is recomputed with those lanes masked (the reference's semantics).
+template <int S, bool Masked, typename T, typename A>
+typename Vec<A>::V bilinear_vec_row(const A* const* src, const A* const* coef, const typename Vec<A>::U* const* mask,
+                                    int64_t m, int64_t cp, int64_t Wo, int64_t C, T* out, int64_t len) {
+  using V = typename Vec<A>::V;
+  using M = typename Vec<A>::M;
+  constexpr int L = Vec<A>::L;
+  const bool full = len == L;
+  V chk{};
+  auto ld = [&](const A* q, int64_t t) {
+    V z = vload<true, A>(q, L);
+    if constexpr (Masked) {
+      M mk, bits;
+      std::memcpy(&mk, mask[t], sizeof(mk));
+      std::memcpy(&bits, &z, sizeof(z));
+      bits &= mk;
+      std::memcpy(&z, &bits, sizeof(z));
+    }
+    return z;
+  };
+  auto put = [&](T* o, const V& a) {
+    chk += a * A(0);
+    if (full) {
+      vstore<true, A>(o, a, L);
+    } else {
+      vstore<false, A>(o, a, len);
+    }
+  };
+  int64_t j = 0;
+  for (; j + 4 <= Wo; j += 4) {
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t t = 0; t < m; ++t) {
+      const V w = vload<true, A>(coef[t], L);
+      const A* q = src[t] + j * S * cp;
+      a0 += w * ld(q, t);
+      a1 += w * ld(q + S * cp, t);
+      a2 += w * ld(q + 2 * S * cp, t);
+      a3 += w * ld(q + 3 * S * cp, t);
+    }
+    T* o = out + j * C;
+    put(o, a0);
+    put(o + C, a1);
+    put(o + 2 * C, a2);
+    put(o + 3 * C, a3);
+  }
+  for (; j < Wo; ++j) {
+    V a0{};
+    for (int64_t t = 0; t < m; ++t) a0 += vload<true, A>(coef[t], L) * ld(src[t] + j * S * cp, t);
+    put(out + j * C, a0);
+  }
+  return chk;
+}
+
+// Returns false (nothing done) when the displacements span too many rows or columns for the row ring.
+template <int S, typename T, typename A>
+bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
+                       const std::vector<VecPlan<A>>& plans) {
+  using V = typename Vec<A>::V;
+  using U = typename Vec<A>::U;
+  constexpr int L = Vec<A>::L;
+  int64_t dy0, dy1, dx0, dx1;
+  disp_bounds(plans, dy0, dy1, dx0, dx1);
+  const int64_t slots = dy1 - dy0 + 1 + S, pw = (Wo - 1) * S + dx1 - dx0 + 1;
+  if (slots > 16 || pw > 2 * Ws + 16) return false;
+  int64_t kmax = 0;
+  for (const auto& p : plans) kmax = std::max<int64_t>(kmax, p.d.size());
+  const RowBlocks rb(N, Ho);
+  parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+    RowRing<T, A> ring;
+    std::vector<const A*> ptr(kmax), cf(kmax);
+    std::vector<const U*> mk(kmax);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
+      ring.reset(src + n * Hs * Ws * C, Hs, Ws, C, dx0, pw, slots);
+      for (int64_t i = i0; i < i1; ++i) {
+        T* orow = dst + (n * Ho + i) * Wo * C;
+        for (int64_t v = 0; v < static_cast<int64_t>(plans.size()); ++v) {
+          const VecPlan<A>& p = plans[v];
+          int64_t m = 0;
+          for (size_t e = 0; e < p.d.size(); ++e) {
+            const int64_t r = i * S + p.d[e].dy;
+            if (r < 0 || r >= Hs) continue;
+            ptr[m] = ring.at(ring.row(r), v, p.d[e].dx - dx0);
+            cf[m] = &p.coef[e * L];
+            mk[m] = &p.mask[e * L];
+            ++m;
+          }
+          const V chk = bilinear_vec_row<S, false>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0,
+                                                   p.len);
+          A lanes[L];
+          std::memcpy(lanes, &chk, sizeof(lanes));
+          bool finite = true;
+          for (int k = 0; k < L; ++k) finite &= lanes[k] == A(0);
+          if (!finite)
+            bilinear_vec_row<S, true>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0, p.len);
+        }
+      }
+    }
+  });
+  return true;
+}
+
 template <typename A>
 Displacements<A> weight_displacements(const Bilinear<A>& q, int64_t C) {
   return Displacements<A>(q, C, 1, [&](int64_t c, int oy, int ox, int) { return corner_weight(q, c, oy, ox); });
@@ -784,7 +1332,8 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
     with_stride(stride, [&](auto s) {
       constexpr int S = decltype(s)::value;
       if (cl) {
-        bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, weight_displacements(q, C));
+        if (!bilinear_nhwc_vec<S>(xp, op, N, C, H, W, Ho, Wo, vec_plans(q, C, 1)))
+          bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, weight_displacements(q, C));
         return;
       }
       parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
@@ -839,9 +1388,10 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
       constexpr int S = decltype(s)::value;
       if (cl) {
         if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
-        if (want_gx && !args.integer_adjoint)
+        if (want_gx && !args.integer_adjoint &&
+            (S != 1 || !bilinear_nhwc_vec<1>(gp, gxp, N, C, Ho, Wo, H, W, vec_plans(q_gx, C, -1))))
           bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, weight_displacements(q_gx, C));
-        if (want_gs) shift_grad_nhwc<S>(gp, xp, N, C, H, W, Ho, Wo, shift_grad_displacements(q_gs, C), acc);
+        if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
       // planes in memory order; the input gradient and the shift gradient are two passes (measured faster here
