@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import fewshifts as fs
 import fewshifts.models as fm
 from fewshifts.deploy import IntegerShift, deploy
 from fewshifts.deploy.modules import write_back
@@ -220,3 +221,30 @@ def test_bench_smoke(tmp_path):
     assert "| ShiftResNet-20 90% | 2 |" in text and "## Targets" in text
     with pytest.raises(ValueError, match="not registered"):
         run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("pattern", ["sparse", "all shifted", "far", "none"])
+def test_integer_shift_direct_kernel_call_matches_op(pattern, layout):
+    """In eager inference IntegerShift calls the C++ kernel directly (no custom-op dispatch); the result must
+    be the op's, shifts beyond the image included, and other modes must still go through the op."""
+    g = torch.Generator().manual_seed(0)
+    shifts = torch.randint(-1, 2, (12, 2), generator=g)
+    if pattern == "sparse":
+        shifts[:9] = 0
+    elif pattern == "far":
+        shifts[::2] = torch.tensor([7, -30])
+    elif pattern == "none":
+        shifts.zero_()
+    module = IntegerShift(shifts, inplace=True)
+    x = torch.randn(2, 12, 5, 6, generator=g).contiguous(memory_format=layout)
+    expected = fs.shift2d(x, shifts)
+    with torch.inference_mode():
+        got = module(x.clone())
+    assert torch.equal(got, expected) and got.is_contiguous(memory_format=layout)
+    with torch.no_grad():  # plain no_grad, and the cached clamped shifts reused on another size
+        assert torch.equal(module(x.clone()), expected)
+        y = torch.randn(1, 12, 3, 40, generator=g)
+        assert torch.equal(module(y.clone()), fs.shift2d(y, shifts))
+    with pytest.raises(ValueError, match="in-place shift is for inference"):
+        module(x.clone().requires_grad_())  # autograd: through shift2d_, which refuses

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshifts.ops import shift2d, shift2d_
+from fewshifts.ops import backend, shift2d, shift2d_
 from fewshifts.ops.backend import name_for
 
 __all__ = ["IntegerShift", "Subsample", "ConvAct", "bilinear_kernel", "shift_runs", "write_back"]
@@ -86,15 +86,42 @@ class IntegerShift(nn.Module):
         self.register_buffer("shifts", shifts.detach().long().cpu().clone())
         self.stride, self.inplace, self.lowered = stride, inplace, lowered
         self.runs = shift_runs(self.shifts)
+        self._clamped: dict[tuple, Tensor] = {}  # (H, W, ...) -> shifts clamped to the image, for the kernel
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lowered:
             return _shift_lowered(x, self.runs, self.stride)
         if self.inplace:
+            kernels = self._direct_kernels(x)
+            if kernels is not None:  # eager CPU inference: the C++ kernel without the custom-op dispatch
+                kernels.shift_inplace(x, self._clamped_shifts(x.shape[2], x.shape[3]))
+                return x
             if name_for(x) == "cpp":
                 return shift2d_(x, self.shifts)
             return _shift_inplace_runs(x, self.runs)
         return shift2d(x, self.shifts, self.stride)
+
+    def _direct_kernels(self, x: Tensor):
+        """The C++ kernels when ``x`` is a plain CPU tensor in eager inference, else None (tracing, export,
+        torch.compile, autograd and other backends go through :func:`fewshifts.ops.shift2d_`).
+
+        The dispatch of the custom op costs about 0.1 ms a call, as much as the shift of a 14x14 feature map.
+        """
+        if type(x) is not Tensor or x.device.type != "cpu" or x.dim() != 4 or len(self.shifts) != x.shape[1]:
+            return None
+        if (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point():
+            return None
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        kernels = backend.kernels_for(x)
+        return None if kernels is backend.reference else kernels
+
+    def _clamped_shifts(self, height: int, width: int) -> Tensor:
+        key = (height, width, self.shifts._version, self.shifts.data_ptr())  # a reloaded buffer is seen
+        if key not in self._clamped:  # beyond the image the channel is all zero: same as shift2d_'s clamping
+            limit = torch.tensor([height + 1, width + 1])
+            self._clamped[key] = torch.maximum(torch.minimum(self.shifts, limit), -limit).contiguous()
+        return self._clamped[key]
 
     def extra_repr(self) -> str:
         shifted = sum(stop - start for start, stop, dy, dx in self.runs if dy or dx)
