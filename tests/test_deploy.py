@@ -248,3 +248,48 @@ def test_integer_shift_direct_kernel_call_matches_op(pattern, layout):
         assert torch.equal(module(y.clone()), fs.shift2d(y, shifts))
     with pytest.raises(ValueError, match="in-place shift is for inference"):
         module(x.clone().requires_grad_())  # autograd: through shift2d_, which refuses
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_conv_act_prepacked_weights(act, layout, tmp_path):
+    """ConvAct (weights reordered once per input shape for oneDNN) equals conv + activation, for several input
+    shapes, after the weights change, and survives copy / pickling without its packed weights."""
+    import copy
+
+    from fewshifts.deploy.modules import ConvAct
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1).eval().requires_grad_(False)
+    module = ConvAct(conv, act)
+
+    def expected(x):
+        y = conv(x)
+        return y if act is None else torch.relu(y) if act == "relu" else nn.functional.relu6(y)
+
+    with torch.inference_mode():
+        for shape in ((1, 8, 9, 9), (3, 8, 16, 10), (1, 8, 9, 9)):
+            x = torch.randn(shape).contiguous(memory_format=layout) * 4
+            torch.testing.assert_close(module(x), expected(x), rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(-1)  # a changed weight is packed again
+        torch.testing.assert_close(module(x), expected(x), rtol=1e-5, atol=1e-5)
+    assert set(module.state_dict()) == {"conv.weight", "conv.bias"}
+    twin = copy.deepcopy(module)
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        for m in (twin, loaded):
+            torch.testing.assert_close(m(x), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deployed_fenet_copies_after_running():
+    if "fenet_100" not in list_models():
+        pytest.skip("fenet_100 is not registered yet (models branch)")
+    import copy
+
+    model = _prepared("fenet_100")
+    x = torch.randn(2, 3, 64, 64)
+    deployed = deploy(model, example_input=x[:1])
+    with torch.inference_mode():
+        deployed(x)  # packs weights
+    _assert_same(model, copy.deepcopy(deployed), x)

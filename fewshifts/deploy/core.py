@@ -14,6 +14,8 @@ traced is handled child by child) and rewritten by graph passes that keep the ou
 4. FE-Block units write their output back into the input's memory instead of concatenating
    (``cat([x[:, :k], f(x[:, k:])])`` -> ``x[:, k:] = f(...)``, or ``+=`` for a residual unit).
 5. Identity / eval-mode dropout removed; channels_last memory format by default.
+6. Every convolution one oneDNN call (:class:`ConvAct`): a following ReLU / ReLU6 fused as a post-op, the
+   weights reordered once into oneDNN's blocked layout instead of on every call.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class _Passes:
             inplace = self.inplace and layer.stride == 1 and _fresh(gm, node.args[0], node)
             _set_module(gm, node.target, IntegerShift(shifts, layer.stride, inplace, self.lowered))
 
-    # -- 6. conv + ReLU in one oneDNN call -----------------------------------------------------------------
+    # -- 6. conv (+ ReLU) in one oneDNN call, weights prepacked -------------------------------------------
     def fuse_activations(self, gm: fx.GraphModule) -> None:
         if not self.inplace or not torch.backends.mkldnn.is_available():
             return
@@ -260,6 +262,10 @@ class _Passes:
             _set_module(gm, conv_node.target, ConvAct(_module(gm, conv_node), act))
             node.replace_all_uses_with(conv_node)
             gm.graph.erase_node(node)
+        for node in gm.graph.nodes:  # the other convolutions: one oneDNN call with prepacked weights too
+            conv = _module(gm, node)
+            if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+                _set_module(gm, node.target, ConvAct(conv, None))
 
     # -- 4. FE-Block write-back ---------------------------------------------------------------------------
     def write_back(self, gm: fx.GraphModule) -> None:
