@@ -268,11 +268,12 @@ def test_conv_act_prepacked_weights(act, layout, tmp_path):
         return y if act is None else torch.relu(y) if act == "relu" else nn.functional.relu6(y)
 
     with torch.inference_mode():
-        for shape in ((1, 8, 9, 9), (3, 8, 16, 10), (1, 8, 9, 9)):
+        for shape in ((1, 8, 9, 9), (3, 8, 16, 10), (1, 8, 9, 9), (8, 8, 96, 96)):
             x = torch.randn(shape).contiguous(memory_format=layout) * 4
             torch.testing.assert_close(module(x), expected(x), rtol=1e-5, atol=1e-5)
         conv.weight.mul_(-1)  # a changed weight is packed again
         torch.testing.assert_close(module(x), expected(x), rtol=1e-5, atol=1e-5)
+    assert set(module.plan.values()) <= {"onednn", "aten"} and len(module.plan) >= 2
     assert set(module.state_dict()) == {"conv.weight", "conv.bias"}
     twin = copy.deepcopy(module)
     torch.save(module, tmp_path / "m.pt")
@@ -292,4 +293,27 @@ def test_deployed_fenet_copies_after_running():
     deployed = deploy(model, example_input=x[:1])
     with torch.inference_mode():
         deployed(x)  # packs weights
+    _assert_same(model, copy.deepcopy(deployed), x)
+
+
+def test_deployed_direct_calls_keep_hooks_and_state():
+    """Eager inference runs a copy of the graph calling the modules' forward directly: same outputs, hooks on
+    submodules still run, nothing added to the module tree or the state."""
+    model = _prepared("shiftresnet20")
+    x = torch.randn(2, 3, 32, 32)
+    deployed = deploy(model, example_input=x[:1])
+    names = {n for n, _ in deployed.named_modules()}
+    keys = set(deployed.state_dict())
+    _assert_same(model, deployed, x)
+    assert "_direct" in deployed.__dict__
+    assert {n for n, _ in deployed.named_modules()} == names and set(deployed.state_dict()) == keys
+    seen = []
+    shift = next(m for m in deployed.modules() if isinstance(m, IntegerShift))
+    handle = shift.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.inference_mode():
+        deployed(x)
+    handle.remove()
+    assert len(seen) == 1
+    import copy
+
     _assert_same(model, copy.deepcopy(deployed), x)

@@ -177,16 +177,19 @@ def write_back(base: Tensor, starts: tuple[int, ...], values: tuple[Tensor, ...]
 
 
 _ONEDNN_ACTS = {"relu": ("relu", (None,)), "relu6": ("hardtanh", (0.0, 6.0)), None: ("none", ())}  # post-op, scalars
-_MAX_PACKED = 4  # input shapes whose packed weights a ConvAct keeps
+_MAX_PLANS = 4  # input shapes a ConvAct keeps a plan (and packed weights) for
+_SLOW_CALL_S = 2e-3  # a call this long is dominated by arithmetic: the oneDNN form is kept without more timing
 
 
 class ConvAct(nn.Module):
-    """Convolution (+ ReLU / ReLU6 when ``act`` is given) as one oneDNN call on CPU, with its weights prepacked.
+    """Convolution (+ ReLU / ReLU6 when ``act`` is given) in its fastest form for each input shape, on CPU.
 
-    oneDNN wants the weights of a convolution in a blocked layout; given plain weights it reorders them on every
-    call (at batch 1 that is about a third of FE-Net's convolution time). Here they are reordered once per input
-    shape (lazily, at most :data:`_MAX_PACKED` shapes) and kept beside the module (not in its state). The
-    activation runs as a oneDNN post-op (no separate pass over the output).
+    Two candidates: one oneDNN call with the activation as a post-op and the weights reordered once into
+    oneDNN's blocked layout (given plain weights, oneDNN reorders them on every call: about a fifth of FE-Net's
+    convolution time at batch 1), or ATen's ``conv2d`` followed by an in-place activation, whose fixed cost
+    per call is several times lower (tens of microseconds against about 0.1 ms: it wins on small maps, 7x7 at
+    batch 1). The first call with a new input shape times both (only when a call is short enough for that
+    to matter) and keeps the faster; the plan and packed weights live beside the module, not in its state.
 
     Falls back to ``act(conv(x))`` off CPU, when oneDNN is not available, and under tracing / compilation.
     """
@@ -200,48 +203,76 @@ class ConvAct(nn.Module):
         self.conv, self.act = conv, act
         attr, scalars = _ONEDNN_ACTS[act]
         self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, attr, list(scalars))
-        self._packed: dict[tuple, Tensor] = {}
+        self._plans: dict[tuple, object] = {}
 
     def forward(self, x: Tensor) -> Tensor:
-        c = self.conv
-        if self._onednn(x):
-            padding, stride, dilation, groups, attr, scalars = self._args
-            return torch.ops.mkldnn._convolution_pointwise(x, self._weight_for(x), c.bias, padding, stride, dilation,
-                                                           groups, attr, scalars, None)
-        y = c(x)
+        if type(x) is Tensor and not (x.requires_grad and torch.is_grad_enabled()) and x.dtype == torch.float32 \
+                and not x.is_cuda and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            w = self.conv.weight
+            key = (x.shape, x.is_contiguous(), w._version, w.data_ptr())
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plan(x, key)
+            if plan is not False:
+                return plan(x)
+        return self._aten(x)
+
+    def _aten(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
         if self.act is None:
             return y
         return F.relu(y) if self.act == "relu" else F.relu6(y)
 
-    def _onednn(self, x: Tensor) -> bool:
-        w = self.conv.weight
-        if type(x) is not Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
-            return False
-        if x.requires_grad and torch.is_grad_enabled():
-            return False
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-            return False
-        return type(w) is nn.Parameter or type(w) is Tensor
+    def _aten_inplace(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        if self.act is None:
+            return y
+        return y.relu_() if self.act == "relu" else y.clamp_(0.0, 6.0)
 
-    def _weight_for(self, x: Tensor) -> Tensor:
+    def _plan(self, x: Tensor, key: tuple):
+        """The faster form for inputs like ``x`` (False: use ``conv`` + act as in eager mode)."""
+        import time
+
         w = self.conv.weight
-        key = (tuple(x.shape), x.is_contiguous(), w._version, w.data_ptr())
-        packed = self._packed.get(key)
-        if packed is None:
-            padding, stride, dilation, groups, _, _ = self._args
+        plan = False
+        if x.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            padding, stride, dilation, groups, attr, scalars = self._args
             try:
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), padding, stride, dilation,
-                                                                  groups, list(x.shape))
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), padding, stride,
+                                                                  dilation, groups, list(x.shape))
             except (RuntimeError, NotImplementedError):  # a build without the reorder: plain weights
                 packed = w.detach()
-            if len(self._packed) >= _MAX_PACKED:
-                self._packed.pop(next(iter(self._packed)))
-            self._packed[key] = packed
-        return packed
+            bias = self.conv.bias
 
-    def __getstate__(self):  # copies and pickles leave the packed weights behind (opaque oneDNN tensors)
+            def onednn(x: Tensor) -> Tensor:
+                return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+                                                               attr, scalars, None)
+
+            plan = onednn
+            start = time.perf_counter()
+            onednn(x)
+            if time.perf_counter() - start < _SLOW_CALL_S:  # short calls: fixed costs matter, time both
+                best = {}
+                for _ in range(3):
+                    for name, fn in (("onednn", onednn), ("aten", self._aten_inplace)):
+                        start = time.perf_counter()
+                        fn(x)
+                        best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+                plan = onednn if best["onednn"] <= best["aten"] else self._aten_inplace
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
+
+    @property
+    def plan(self) -> dict[tuple, str]:
+        """{input key: 'onednn' | 'aten'} chosen so far (for inspection)."""
+        return {k: "aten" if v is False or getattr(v, "__name__", "") == "_aten_inplace" else "onednn"
+                for k, v in self._plans.items()}
+
+    def __getstate__(self):  # copies and pickles leave the plans behind (closures over opaque oneDNN tensors)
         state = self.__dict__.copy()
-        state["_packed"] = {}
+        state["_plans"] = {}
         return state
 
     def extra_repr(self) -> str:
