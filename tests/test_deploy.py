@@ -317,3 +317,18 @@ def test_deployed_direct_calls_keep_hooks_and_state():
     import copy
 
     _assert_same(model, copy.deepcopy(deployed), x)
+
+
+def test_deploy_and_run_inside_inference_mode():
+    """Buffers made in inference mode have no version counter: the per-shape caches must not need one."""
+    model = _prepared("shiftresnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        deployed = deploy(model, example_input=x[:1])
+        module = IntegerShift(torch.tensor([[0, 0], [1, -1]]), inplace=True)
+        got = deployed(x)
+        y = torch.randn(1, 2, 4, 4)
+        assert torch.equal(module(y.clone()), fs.shift2d(y, module.shifts))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

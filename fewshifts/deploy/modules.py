@@ -71,6 +71,11 @@ def _clone_in_order(region: Tensor, like: Tensor) -> Tensor:
     return region.clone(memory_format=torch.contiguous_format)
 
 
+def _version(t: Tensor) -> int:
+    """In-place modification counter of ``t`` (inference tensors have none: -1)."""
+    return -1 if t.is_inference() else t._version
+
+
 class IntegerShift(nn.Module):
     """A baked integer shift (SSL Eq. 1) in its fastest exact form.
 
@@ -117,7 +122,7 @@ class IntegerShift(nn.Module):
         return None if kernels is backend.reference else kernels
 
     def _clamped_shifts(self, height: int, width: int) -> Tensor:
-        key = (height, width, self.shifts._version, self.shifts.data_ptr())  # a reloaded buffer is seen
+        key = (height, width, _version(self.shifts), self.shifts.data_ptr())  # a reloaded buffer is seen
         if key not in self._clamped:  # beyond the image the channel is all zero: same as shift2d_'s clamping
             limit = torch.tensor([height + 1, width + 1])
             self._clamped[key] = torch.maximum(torch.minimum(self.shifts, limit), -limit).contiguous()
@@ -209,7 +214,7 @@ class ConvAct(nn.Module):
         if type(x) is Tensor and not (x.requires_grad and torch.is_grad_enabled()) and x.dtype == torch.float32 \
                 and not x.is_cuda and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             w = self.conv.weight
-            key = (x.shape, x.is_contiguous(), w._version, w.data_ptr())
+            key = (x.shape, x.is_contiguous(), _version(w), w.data_ptr())
             plan = self._plans.get(key)
             if plan is None:
                 plan = self._plan(x, key)
