@@ -131,6 +131,10 @@ def deploy(model: nn.Module, example_input: Tensor | None = None, memory_format:
     """Inference form of ``model``: same eval-mode outputs, BN folded, integer shifts baked, faster.
 
     ``example_input`` (default: one image of ``model.default_cfg['input_size']``) only fixes shapes.
+    ``memory_format``: channels_last (default) or contiguous (NCHW). In NCHW an in-place shift moves whole planes
+    and costs almost nothing, but oneDNN's 1x1 convolutions and 2x2 average pools are much slower there: on
+    this project's AVX2 benchmark machine deployed FE-Net 1.0x SSL (90% unshifted) took 1.3-1.5x as long in
+    NCHW at batch 1 and 32 (docs/benchmarks/latency.md), so channels_last is the fixed default.
     ``inplace=False`` avoids in-place shifts and write-back; ``lowered=True`` also writes integer shifts
     with standard operators (Slice / Pad / Concat), the form exported to ONNX.
     """
