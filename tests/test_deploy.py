@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import fewshifts as fs
 import fewshifts.models as fm
 from fewshifts.deploy import IntegerShift, deploy
 from fewshifts.deploy.modules import write_back
@@ -220,3 +221,114 @@ def test_bench_smoke(tmp_path):
     assert "| ShiftResNet-20 90% | 2 |" in text and "## Targets" in text
     with pytest.raises(ValueError, match="not registered"):
         run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("pattern", ["sparse", "all shifted", "far", "none"])
+def test_integer_shift_direct_kernel_call_matches_op(pattern, layout):
+    """In eager inference IntegerShift calls the C++ kernel directly (no custom-op dispatch); the result must
+    be the op's, shifts beyond the image included, and other modes must still go through the op."""
+    g = torch.Generator().manual_seed(0)
+    shifts = torch.randint(-1, 2, (12, 2), generator=g)
+    if pattern == "sparse":
+        shifts[:9] = 0
+    elif pattern == "far":
+        shifts[::2] = torch.tensor([7, -30])
+    elif pattern == "none":
+        shifts.zero_()
+    module = IntegerShift(shifts, inplace=True)
+    x = torch.randn(2, 12, 5, 6, generator=g).contiguous(memory_format=layout)
+    expected = fs.shift2d(x, shifts)
+    with torch.inference_mode():
+        got = module(x.clone())
+    assert torch.equal(got, expected) and got.is_contiguous(memory_format=layout)
+    with torch.no_grad():  # plain no_grad, and the cached clamped shifts reused on another size
+        assert torch.equal(module(x.clone()), expected)
+        y = torch.randn(1, 12, 3, 40, generator=g)
+        assert torch.equal(module(y.clone()), fs.shift2d(y, shifts))
+    with pytest.raises(ValueError, match="in-place shift is for inference"):
+        module(x.clone().requires_grad_())  # autograd: through shift2d_, which refuses
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_conv_act_prepacked_weights(act, layout, tmp_path):
+    """ConvAct (weights reordered once per input shape for oneDNN) equals conv + activation, for several input
+    shapes, after the weights change, and survives copy / pickling without its packed weights."""
+    import copy
+
+    from fewshifts.deploy.modules import ConvAct
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1).eval().requires_grad_(False)
+    module = ConvAct(conv, act)
+
+    def expected(x):
+        y = conv(x)
+        return y if act is None else torch.relu(y) if act == "relu" else nn.functional.relu6(y)
+
+    with torch.inference_mode():
+        for shape in ((1, 8, 9, 9), (3, 8, 16, 10), (1, 8, 9, 9), (8, 8, 96, 96)):
+            x = torch.randn(shape).contiguous(memory_format=layout) * 4
+            torch.testing.assert_close(module(x), expected(x), rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(-1)  # a changed weight is packed again
+        torch.testing.assert_close(module(x), expected(x), rtol=1e-5, atol=1e-5)
+    assert set(module.plan.values()) <= {"onednn", "aten"} and len(module.plan) >= 2
+    assert set(module.state_dict()) == {"conv.weight", "conv.bias"}
+    twin = copy.deepcopy(module)
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        for m in (twin, loaded):
+            torch.testing.assert_close(m(x), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deployed_fenet_copies_after_running():
+    if "fenet_100" not in list_models():
+        pytest.skip("fenet_100 is not registered yet (models branch)")
+    import copy
+
+    model = _prepared("fenet_100")
+    x = torch.randn(2, 3, 64, 64)
+    deployed = deploy(model, example_input=x[:1])
+    with torch.inference_mode():
+        deployed(x)  # packs weights
+    _assert_same(model, copy.deepcopy(deployed), x)
+
+
+def test_deployed_direct_calls_keep_hooks_and_state():
+    """Eager inference runs a copy of the graph calling the modules' forward directly: same outputs, hooks on
+    submodules still run, nothing added to the module tree or the state."""
+    model = _prepared("shiftresnet20")
+    x = torch.randn(2, 3, 32, 32)
+    deployed = deploy(model, example_input=x[:1])
+    names = {n for n, _ in deployed.named_modules()}
+    keys = set(deployed.state_dict())
+    _assert_same(model, deployed, x)
+    assert "_direct" in deployed.__dict__
+    assert {n for n, _ in deployed.named_modules()} == names and set(deployed.state_dict()) == keys
+    seen = []
+    shift = next(m for m in deployed.modules() if isinstance(m, IntegerShift))
+    handle = shift.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.inference_mode():
+        deployed(x)
+    handle.remove()
+    assert len(seen) == 1
+    import copy
+
+    _assert_same(model, copy.deepcopy(deployed), x)
+
+
+def test_deploy_and_run_inside_inference_mode():
+    """Buffers made in inference mode have no version counter: the per-shape caches must not need one."""
+    model = _prepared("shiftresnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        deployed = deploy(model, example_input=x[:1])
+        module = IntegerShift(torch.tensor([[0, 0], [1, -1]]), inplace=True)
+        got = deployed(x)
+        y = torch.randn(1, 2, 4, 4)
+        assert torch.equal(module(y.clone()), fs.shift2d(y, module.shifts))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

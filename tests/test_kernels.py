@@ -230,6 +230,36 @@ def test_shift_inplace_matches_reference(kernels, case):
     assert torch.equal(y[:, still], x[:, still])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("shape", "radius", "moved"), [
+    ((1, 24, 40, 40), 1, 0.1),    # batch below the threads: bands of rows with saved halos
+    ((1, 20, 64, 3), 2, 0.5),     # more rows than columns, |shift| 2
+    ((2, 33, 5, 9), 400, 1.0),    # every channel shifted, shifts far beyond the image
+    ((3, 16, 1, 1), 1, 1.0),      # one pixel
+    ((1, 40, 300, 2), 5, 0.3),    # tall and thin, bands of many rows
+    ((4, 64, 24, 24), 1, 0.1),    # FE-Net-like: a few channels per pixel moved
+])
+def test_shift_inplace_channels_last_rows_and_bands(kernels, threads, shape, radius, moved):
+    g = torch.Generator().manual_seed(threads * 100 + shape[1])
+    _, c, h, w = shape
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    shifts = torch.randint(-radius, radius + 1, (c, 2), generator=g)
+    shifts[torch.rand(c, generator=g) >= moved] = 0
+    shifts[:, 0].clamp_(-h - 1, h + 1)  # as shift2d_ clamps them
+    shifts[:, 1].clamp_(-w - 1, w + 1)
+    order = torch.argsort(shifts[:, 0] * 1000 + shifts[:, 1], stable=True)  # grouped (deploy's order) and not
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for s in (shifts, shifts[order]):
+            y, ref = x.clone(), x.clone()
+            kernels.shift_inplace(y, s)
+            reference.shift_inplace(ref, s)
+            assert torch.equal(y, ref)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_empty_batch(kernels):
     x = torch.randn(0, 3, 5, 4)
     shifts, real = torch.ones(3, 2, dtype=torch.long), torch.full((3, 2), 0.5)

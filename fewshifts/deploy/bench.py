@@ -262,7 +262,8 @@ def to_markdown(results: dict, command: str) -> str:
              f"(x4 at batch 1) after 2 warm-up runs, all in one process, timed round-robin over all models and forms",
              f"- command: `{command}`",
              "- eager: the eval-mode model as built (NCHW); deployed: `fewshifts.deploy(model)` (BN folded, shifts "
-             "baked, permuted and in place, FE-Block write-back, channels_last); onnxruntime: "
+             "baked, permuted and in place, FE-Block write-back, channels_last, convolutions as oneDNN calls with "
+             "prepacked weights or ATen per input shape, direct module calls); onnxruntime: "
              "`export_onnx` (shifts as Slice/Pad/Concat)",
              "- random weights, random BN statistics and random sparse shift patterns (|shift| <= 1)", "",
              "| model | batch | eager ms | deployed ms | " + ("onnxruntime ms | " if has_ort else "")

@@ -14,6 +14,8 @@ traced is handled child by child) and rewritten by graph passes that keep the ou
 4. FE-Block units write their output back into the input's memory instead of concatenating
    (``cat([x[:, :k], f(x[:, k:])])`` -> ``x[:, k:] = f(...)``, or ``+=`` for a residual unit).
 5. Identity / eval-mode dropout removed; channels_last memory format by default.
+6. Every convolution one oneDNN call (:class:`ConvAct`): a following ReLU / ReLU6 fused as a post-op, the
+   weights reordered once into oneDNN's blocked layout instead of on every call.
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.LeakyReLU, nn.GELU)
 
 
 class DeployedModel(nn.Module):
-    """The deployed network plus the memory format its input is put in."""
+    """The deployed network plus the memory format its input is put in.
+
+    In eager inference a graph model runs through a copy of its graph that calls each submodule's ``forward``
+    directly (a module's own hooks still run): the generated code otherwise spends a few microseconds per node
+    on attribute chains and ``nn.Module.__call__``, about 1 ms of a 15 ms FE-Net forward at batch 1.
+    """
 
     def __init__(self, model: nn.Module, memory_format: str) -> None:
         super().__init__()
@@ -60,10 +67,62 @@ class DeployedModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4:
             x = x.contiguous(memory_format=_MEMORY_FORMATS[self.memory_format])
+        if _plain_eager(x) and isinstance(self.model, fx.GraphModule) and not self._forward_hooks \
+                and not self._forward_pre_hooks and not _global_hooks():
+            direct = self.__dict__.get("_direct")  # kept out of the module tree (no state, not in modules())
+            if direct is None or direct[0] is not self.model.graph:
+                direct = self.__dict__["_direct"] = (self.model.graph, _direct_calls(self.model))
+            return direct[1](x)
         return self.model(x)
+
+    def __getstate__(self):  # copies rebuild the direct-call graph
+        state = self.__dict__.copy()
+        state.pop("_direct", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"memory_format={self.memory_format}"
+
+
+def _plain_eager(x: Tensor) -> bool:
+    return (type(x) is Tensor and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+class _DirectCall:
+    """Calls a submodule's ``forward`` without ``nn.Module.__call__`` unless the module has forward hooks."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.forward = module, module.forward
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = "fewshifts_deployed"  # not torch: fx's code generator keeps the object as a global
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        if m._forward_pre_hooks or m._forward_hooks:
+            return m(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+def _direct_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every ``call_module`` node turned into a call of a :class:`_DirectCall` (same modules)."""
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            call = _DirectCall(gm.get_submodule(node.target), "m_" + node.target.replace(".", "_"))
+            new = graph.call_function(call, fx.map_arg(node.args, env.__getitem__),
+                                      fx.map_arg(node.kwargs, env.__getitem__))
+        else:
+            new = graph.node_copy(node, env.__getitem__)
+        env[node] = new
+    return fx.GraphModule(gm, graph)
 
 
 @torch.no_grad()
@@ -72,6 +131,10 @@ def deploy(model: nn.Module, example_input: Tensor | None = None, memory_format:
     """Inference form of ``model``: same eval-mode outputs, BN folded, integer shifts baked, faster.
 
     ``example_input`` (default: one image of ``model.default_cfg['input_size']``) only fixes shapes.
+    ``memory_format``: channels_last (default) or contiguous (NCHW). In NCHW an in-place shift moves whole planes
+    and costs almost nothing, but oneDNN's 1x1 convolutions and 2x2 average pools are much slower there: on
+    this project's AVX2 benchmark machine deployed FE-Net 1.0x SSL (90% unshifted) took 1.3-1.5x as long in
+    NCHW at batch 1 and 32 (docs/benchmarks/latency.md), so channels_last is the fixed default.
     ``inplace=False`` avoids in-place shifts and write-back; ``lowered=True`` also writes integer shifts
     with standard operators (Slice / Pad / Concat), the form exported to ONNX.
     """
@@ -245,7 +308,7 @@ class _Passes:
             inplace = self.inplace and layer.stride == 1 and _fresh(gm, node.args[0], node)
             _set_module(gm, node.target, IntegerShift(shifts, layer.stride, inplace, self.lowered))
 
-    # -- 6. conv + ReLU in one oneDNN call -----------------------------------------------------------------
+    # -- 6. conv (+ ReLU) in one oneDNN call, weights prepacked -------------------------------------------
     def fuse_activations(self, gm: fx.GraphModule) -> None:
         if not self.inplace or not torch.backends.mkldnn.is_available():
             return
@@ -260,6 +323,10 @@ class _Passes:
             _set_module(gm, conv_node.target, ConvAct(_module(gm, conv_node), act))
             node.replace_all_uses_with(conv_node)
             gm.graph.erase_node(node)
+        for node in gm.graph.nodes:  # the other convolutions: one oneDNN call with prepacked weights too
+            conv = _module(gm, node)
+            if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+                _set_module(gm, node.target, ConvAct(conv, None))
 
     # -- 4. FE-Block write-back ---------------------------------------------------------------------------
     def write_back(self, gm: fx.GraphModule) -> None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshifts.ops import shift2d, shift2d_
+from fewshifts.ops import backend, shift2d, shift2d_
 from fewshifts.ops.backend import name_for
 
 __all__ = ["IntegerShift", "Subsample", "ConvAct", "bilinear_kernel", "shift_runs", "write_back"]
@@ -71,6 +71,11 @@ def _clone_in_order(region: Tensor, like: Tensor) -> Tensor:
     return region.clone(memory_format=torch.contiguous_format)
 
 
+def _version(t: Tensor) -> int:
+    """In-place modification counter of ``t`` (inference tensors have none: -1)."""
+    return -1 if t.is_inference() else t._version
+
+
 class IntegerShift(nn.Module):
     """A baked integer shift (SSL Eq. 1) in its fastest exact form.
 
@@ -86,15 +91,42 @@ class IntegerShift(nn.Module):
         self.register_buffer("shifts", shifts.detach().long().cpu().clone())
         self.stride, self.inplace, self.lowered = stride, inplace, lowered
         self.runs = shift_runs(self.shifts)
+        self._clamped: dict[tuple, Tensor] = {}  # (H, W, ...) -> shifts clamped to the image, for the kernel
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lowered:
             return _shift_lowered(x, self.runs, self.stride)
         if self.inplace:
+            kernels = self._direct_kernels(x)
+            if kernels is not None:  # eager CPU inference: the C++ kernel without the custom-op dispatch
+                kernels.shift_inplace(x, self._clamped_shifts(x.shape[2], x.shape[3]))
+                return x
             if name_for(x) == "cpp":
                 return shift2d_(x, self.shifts)
             return _shift_inplace_runs(x, self.runs)
         return shift2d(x, self.shifts, self.stride)
+
+    def _direct_kernels(self, x: Tensor):
+        """The C++ kernels when ``x`` is a plain CPU tensor in eager inference, else None (tracing, export,
+        torch.compile, autograd and other backends go through :func:`fewshifts.ops.shift2d_`).
+
+        The dispatch of the custom op costs about 0.1 ms a call, as much as the shift of a 14x14 feature map.
+        """
+        if type(x) is not Tensor or x.device.type != "cpu" or x.dim() != 4 or len(self.shifts) != x.shape[1]:
+            return None
+        if (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point():
+            return None
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        kernels = backend.kernels_for(x)
+        return None if kernels is backend.reference else kernels
+
+    def _clamped_shifts(self, height: int, width: int) -> Tensor:
+        key = (height, width, _version(self.shifts), self.shifts.data_ptr())  # a reloaded buffer is seen
+        if key not in self._clamped:  # beyond the image the channel is all zero: same as shift2d_'s clamping
+            limit = torch.tensor([height + 1, width + 1])
+            self._clamped[key] = torch.maximum(torch.minimum(self.shifts, limit), -limit).contiguous()
+        return self._clamped[key]
 
     def extra_repr(self) -> str:
         shifted = sum(stop - start for start, stop, dy, dx in self.runs if dy or dx)
@@ -149,30 +181,104 @@ def write_back(base: Tensor, starts: tuple[int, ...], values: tuple[Tensor, ...]
     return base
 
 
-_ONEDNN_ACTS = {"relu": ("relu", (None,)), "relu6": ("hardtanh", (0.0, 6.0))}  # oneDNN post-op, its scalars
+_ONEDNN_ACTS = {"relu": ("relu", (None,)), "relu6": ("hardtanh", (0.0, 6.0)), None: ("none", ())}  # post-op, scalars
+_MAX_PLANS = 4  # input shapes a ConvAct keeps a plan (and packed weights) for
+_SLOW_CALL_S = 2e-3  # a call this long is dominated by arithmetic: the oneDNN form is kept without more timing
 
 
 class ConvAct(nn.Module):
-    """Convolution + ReLU / ReLU6 as one oneDNN call on CPU (no separate pass over the output).
+    """Convolution (+ ReLU / ReLU6 when ``act`` is given) in its fastest form for each input shape, on CPU.
 
-    Falls back to ``act(conv(x))`` off CPU or where oneDNN is not available.
+    Two candidates: one oneDNN call with the activation as a post-op and the weights reordered once into
+    oneDNN's blocked layout (given plain weights, oneDNN reorders them on every call: about a fifth of FE-Net's
+    convolution time at batch 1), or ATen's ``conv2d`` followed by an in-place activation, whose fixed cost
+    per call is several times lower (tens of microseconds against about 0.1 ms: it wins on small maps, 7x7 at
+    batch 1). The first call with a new input shape times both (only when a call is short enough for that
+    to matter) and keeps the faster; the plan and packed weights live beside the module, not in its state.
+
+    Falls back to ``act(conv(x))`` off CPU, when oneDNN is not available, and under tracing / compilation.
     """
 
-    def __init__(self, conv: nn.Conv2d, act: str) -> None:
+    def __init__(self, conv: nn.Conv2d, act: str | None = None) -> None:
         super().__init__()
         if act not in _ONEDNN_ACTS:
             raise ValueError(f"act should be one of {tuple(_ONEDNN_ACTS)} instead of {act!r}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("ConvAct: the convolution should have zero padding given as numbers")
         self.conv, self.act = conv, act
+        attr, scalars = _ONEDNN_ACTS[act]
+        self._args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, attr, list(scalars))
+        self._plans: dict[tuple, object] = {}
 
     def forward(self, x: Tensor) -> Tensor:
-        c = self.conv
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            attr, scalars = _ONEDNN_ACTS[self.act]
-            scalars = list(scalars)
-            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
-                                                           list(c.dilation), c.groups, attr, scalars, None)
-        y = c(x)
+        if type(x) is Tensor and not (x.requires_grad and torch.is_grad_enabled()) and x.dtype == torch.float32 \
+                and not x.is_cuda and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            w = self.conv.weight
+            key = (x.shape, x.is_contiguous(), _version(w), w.data_ptr())
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plan(x, key)
+            if plan is not False:
+                return plan(x)
+        return self._aten(x)
+
+    def _aten(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        if self.act is None:
+            return y
         return F.relu(y) if self.act == "relu" else F.relu6(y)
+
+    def _aten_inplace(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        if self.act is None:
+            return y
+        return y.relu_() if self.act == "relu" else y.clamp_(0.0, 6.0)
+
+    def _plan(self, x: Tensor, key: tuple):
+        """The faster form for inputs like ``x`` (False: use ``conv`` + act as in eager mode)."""
+        import time
+
+        w = self.conv.weight
+        plan = False
+        if x.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            padding, stride, dilation, groups, attr, scalars = self._args
+            try:
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), padding, stride,
+                                                                  dilation, groups, list(x.shape))
+            except (RuntimeError, NotImplementedError):  # a build without the reorder: plain weights
+                packed = w.detach()
+            bias = self.conv.bias
+
+            def onednn(x: Tensor) -> Tensor:
+                return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+                                                               attr, scalars, None)
+
+            plan = onednn
+            start = time.perf_counter()
+            onednn(x)
+            if time.perf_counter() - start < _SLOW_CALL_S:  # short calls: fixed costs matter, time both
+                best = {}
+                for _ in range(3):
+                    for name, fn in (("onednn", onednn), ("aten", self._aten_inplace)):
+                        start = time.perf_counter()
+                        fn(x)
+                        best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+                plan = onednn if best["onednn"] <= best["aten"] else self._aten_inplace
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
+
+    @property
+    def plan(self) -> dict[tuple, str]:
+        """{input key: 'onednn' | 'aten'} chosen so far (for inspection)."""
+        return {k: "aten" if v is False or getattr(v, "__name__", "") == "_aten_inplace" else "onednn"
+                for k, v in self._plans.items()}
+
+    def __getstate__(self):  # copies and pickles leave the plans behind (closures over opaque oneDNN tensors)
+        state = self.__dict__.copy()
+        state["_plans"] = {}
+        return state
 
     def extra_repr(self) -> str:
         return f"act={self.act}"

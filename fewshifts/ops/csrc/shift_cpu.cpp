@@ -488,48 +488,125 @@ void shift_inplace_nchw(T* x, int64_t N, int64_t C, int64_t H, int64_t W, const 
   });
 }
 
-// channels_last: the shifted channels go through one temporary (N, H, W, M), then are written back shifted.
+// channels_last, one pass: rows are written top to bottom. A group of channels with dy <= 0 reads rows at or above
+// the current one, which are already overwritten, so each row's moved channels are saved first in a ring of
+// (max(-dy) + 1) rows (a few KB, cache resident); a group with dy > 0 reads the not yet written rows below
+// directly. Each group is then written with one tight loop over the row's pixels (no temporary of the tensor,
+// no divisions per pixel). Parallel over (image, band of rows); the rows just outside a band that a
+// neighbouring band overwrites (halos) are saved before the parallel loop.
 template <typename T>
 void shift_inplace_nhwc(T* x, int64_t N, int64_t C, int64_t H, int64_t W, const std::vector<int64_t>& moved,
                         const int64_t* s) {
   const int64_t M = static_cast<int64_t>(moved.size());
-  struct MovedRun {
-    int64_t c0, m0, len;
-    Seg rows, cols;
+  struct Group {
+    int64_t c0, m0, len, dy, dx;
   };
-  std::vector<MovedRun> runs;
+  std::vector<Group> groups;  // channels consecutive in x with one displacement
+  std::vector<Group> spans;   // channels consecutive in x (saved with one copy per pixel)
+  int64_t up = 0, down = 0;   // how many rows above / below the current one are read
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t c = moved[m];
-    const bool same = !runs.empty() && runs.back().c0 + runs.back().len == c && s[2 * c] == s[2 * (c - 1)] &&
-                      s[2 * c + 1] == s[2 * (c - 1) + 1];
-    if (same) {
-      ++runs.back().len;
+    const int64_t c = moved[m], dy = s[2 * c], dx = s[2 * c + 1];
+    if (!groups.empty() && groups.back().c0 + groups.back().len == c && groups.back().dy == dy &&
+        groups.back().dx == dx) {
+      ++groups.back().len;
     } else {
-      runs.push_back({c, m, 1, forward_seg(s[2 * c], H, H, 1), forward_seg(s[2 * c + 1], W, W, 1)});
+      groups.push_back({c, m, 1, dy, dx});
+    }
+    if (!spans.empty() && spans.back().c0 + spans.back().len == c) {
+      ++spans.back().len;
+    } else {
+      spans.push_back({c, m, 1, 0, 0});
+    }
+    up = std::max(up, -dy);
+    down = std::max(down, dy);
+  }
+  up = std::min(up, H);
+  down = std::min(down, H);
+  const int64_t ring_rows = up + 1, row_elems = W * M, plane = H * W * C;
+  // bands per image: enough tasks for the threads when the batch is small and the tensor is not tiny
+  const int64_t threads = at::get_num_threads();
+  int64_t bands = 1;
+  if (N < threads && N * H * W * M >= (int64_t{1} << 15)) bands = std::min<int64_t>(H, (threads + N - 1) / N);
+  const int64_t tasks = N * bands, per_task = (ring_rows + down) * row_elems;
+  std::unique_ptr<T[]> buffer(new T[tasks * per_task]);  // uninitialised: every slot read is written first
+
+  auto save_row = [&](T* dst, int64_t n, int64_t r) {  // moved channels of row r, packed (W, M)
+    const T* src = x + n * plane + r * W * C;
+    for (int64_t j = 0; j < W; ++j)
+      for (const Group& g : spans) copy_n(dst + j * M + g.m0, src + j * C + g.c0, g.len);
+  };
+  auto band = [&](int64_t t, int64_t& n, int64_t& y0, int64_t& y1) {
+    n = t / bands;
+    const int64_t b = t % bands;
+    y0 = H * b / bands;
+    y1 = H * (b + 1) / bands;
+  };
+  if (bands > 1) {  // halos, saved while every row is still the original
+    for (int64_t t = 0; t < tasks; ++t) {
+      int64_t n, y0, y1;
+      band(t, n, y0, y1);
+      T* ring = buffer.get() + t * per_task;
+      for (int64_t r = std::max<int64_t>(0, y0 - up); r < y0; ++r) save_row(ring + (r % ring_rows) * row_elems, n, r);
+      for (int64_t r = y1; r < std::min(H, y1 + down); ++r) save_row(ring + (ring_rows + r - y1) * row_elems, n, r);
     }
   }
-  std::vector<T> tmp(N * H * W * M);
-  parallel(N * H, W * M, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q)
-      for (int64_t x_ = 0; x_ < W; ++x_)
-        for (const MovedRun& r : runs) copy_n(&tmp[(q * W + x_) * M + r.m0], x + (q * W + x_) * C + r.c0, r.len);
-  });
-  parallel(N * H, W * M, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q / H, y = q % H;
-      for (int64_t x_ = 0; x_ < W; ++x_) {
-        T* d = x + (q * W + x_) * C;
-        for (const MovedRun& r : runs) {
-          const int64_t sr = r.rows.source(y), sc = r.cols.source(x_);
-          if (sr >= 0 && sc >= 0) {
-            copy_n(d + r.c0, &tmp[(((n * H) + sr) * W + sc) * M + r.m0], r.len);
-          } else {
-            zero_n(d + r.c0, r.len);
-          }
+  auto run_task = [&](int64_t t) {
+    int64_t n, y0, y1;
+    band(t, n, y0, y1);
+    T* ring = buffer.get() + t * per_task;
+    T* below = ring + ring_rows * row_elems;
+    for (int64_t y = y0; y < y1; ++y) {
+      save_row(ring + (y % ring_rows) * row_elems, n, y);
+      T* drow = x + n * plane + y * W * C;
+      for (const Group& g : groups) {
+        const int64_t sr = y + g.dy;
+        const int64_t xa = std::max<int64_t>(0, -g.dx), xb = std::min(W, W - g.dx);  // columns with a source
+        if (sr < 0 || sr >= H || xa >= xb) {
+          for (int64_t j = 0; j < W; ++j) zero_n(drow + j * C + g.c0, g.len);
+          continue;
         }
+        const T* src;
+        int64_t step;
+        if (g.dy <= 0) {
+          src = ring + (sr % ring_rows) * row_elems + g.m0;
+          step = M;
+        } else if (sr < y1) {
+          src = x + n * plane + sr * W * C + g.c0;
+          step = C;
+        } else {
+          src = below + (sr - y1) * row_elems + g.m0;
+          step = M;
+        }
+        for (int64_t j = 0; j < xa; ++j) zero_n(drow + j * C + g.c0, g.len);
+        const T* sp = src + (xa + g.dx) * step;
+        T* dp = drow + xa * C + g.c0;
+        switch (g.len) {  // the common short runs as fixed-size copies
+          case 1:
+            for (int64_t j = xa; j < xb; ++j, sp += step, dp += C) dp[0] = sp[0];
+            break;
+          case 2:
+            for (int64_t j = xa; j < xb; ++j, sp += step, dp += C) std::memcpy(dp, sp, 2 * sizeof(T));
+            break;
+          case 3:
+            for (int64_t j = xa; j < xb; ++j, sp += step, dp += C) std::memcpy(dp, sp, 3 * sizeof(T));
+            break;
+          case 4:
+            for (int64_t j = xa; j < xb; ++j, sp += step, dp += C) std::memcpy(dp, sp, 4 * sizeof(T));
+            break;
+          default:
+            for (int64_t j = xa; j < xb; ++j, sp += step, dp += C) copy_n(dp, sp, g.len);
+        }
+        for (int64_t j = xb; j < W; ++j) zero_n(drow + j * C + g.c0, g.len);
       }
     }
-  });
+  };
+  if (tasks == 1 || N * H * W * M < (int64_t{1} << 14)) {
+    for (int64_t t = 0; t < tasks; ++t) run_task(t);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) run_task(t);
+    });
+  }
 }
 
 void shift_inplace(Tensor& x, const Tensor& shifts) {
