@@ -889,60 +889,6 @@ void bilinear_nhwc(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64
   });
 }
 
-// Shift gradient, channels_last: per output pixel, t_dy = sum of the d/d dy corner terms (set 0) and t_dx (set 1),
-// accumulated as g * t per channel; rows are split into fixed chunks with their own accumulators (deterministic).
-template <int S, typename T, typename A>
-void shift_grad_nhwc(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                     const Displacements<A>& d, double* out) {
-  const int64_t rows = N * Ho;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
-  std::vector<double> acc(chunks * 2 * C, 0.0);
-  parallel(chunks, rows * Wo * C / chunks, [&](int64_t cbegin, int64_t cend) {
-    std::vector<A> ry(C), rx(C);
-    A ty[kBlock], tx[kBlock];
-    for (int64_t ch = cbegin; ch < cend; ++ch) {
-      double* sy = &acc[ch * 2 * C];
-      double* sx = sy + C;
-      for (int64_t p = rows * ch / chunks; p < rows * (ch + 1) / chunks; ++p) {
-        const int64_t n = p / Ho, i = p % Ho;
-        const T* xn = x + n * H * W * C;
-        std::fill(ry.begin(), ry.end(), A(0));
-        std::fill(rx.begin(), rx.end(), A(0));
-        for (int64_t j = 0; j < Wo; ++j) {
-          const T* gp = g + (p * Wo + j) * C;
-          for (const auto& blk : d.blocks) {
-            std::fill(ty, ty + kBlock, A(0));
-            std::fill(tx, tx + kBlock, A(0));
-            for (const auto& e : blk.entries) {
-              const int64_t r = i * S + e.dy, k = j * S + e.dx;
-              if (r < 0 || r >= H || k < 0 || k >= W) continue;
-              const T* z = xn + (r * W + k) * C + blk.c0;
-              madd(ty, &d.coef[0][e.at], &d.mask[e.at], z, blk.len);
-              madd(tx, &d.coef[1][e.at], &d.mask[e.at], z, blk.len);
-            }
-            A* __restrict__ py = ry.data() + blk.c0;
-            A* __restrict__ px = rx.data() + blk.c0;
-            const T* gb = gp + blk.c0;
-            for (int64_t k = 0; k < blk.len; ++k) {
-              py[k] += static_cast<A>(gb[k]) * ty[k];
-              px[k] += static_cast<A>(gb[k]) * tx[k];
-            }
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          sy[c] += static_cast<double>(ry[c]);
-          sx[c] += static_cast<double>(rx[c]);
-        }
-      }
-    }
-  });
-  for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t c = 0; c < C; ++c) {
-      out[2 * c] += acc[ch * 2 * C + c];
-      out[2 * c + 1] += acc[ch * 2 * C + C + c];
-    }
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // channels_last bilinear kernels on whole channel vectors (32 bytes: 8 float or 4 double lanes, GCC vector types).
 // For each vector of channels the distinct corner displacements of its lanes are listed once (VecPlan); a pixel
@@ -1366,16 +1312,6 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 template <typename A>
 Displacements<A> weight_displacements(const Bilinear<A>& q, int64_t C) {
   return Displacements<A>(q, C, 1, [&](int64_t c, int oy, int ox, int) { return corner_weight(q, c, oy, ox); });
-}
-
-// d out / d dy = (1-b)(Z3 - Z1) + b(Z4 - Z2), d out / d dx = (1-a)(Z2 - Z1) + a(Z4 - Z3), as corner coefficients
-template <typename A>
-Displacements<A> shift_grad_displacements(const Bilinear<A>& q, int64_t C) {
-  return Displacements<A>(q, C, 2, [&](int64_t c, int oy, int ox, int set) {
-    const A a = q.a[c], b = q.b[c];
-    if (set == 0) return (oy ? A(1) : A(-1)) * (ox ? b : 1 - b);
-    return (ox ? A(1) : A(-1)) * (oy ? a : 1 - a);
-  });
 }
 
 // Rounds a double result to the accumulation type of the reference (float32 unless x is float64).
