@@ -793,6 +793,11 @@ void shift_grad_plane(const T* g, const T* x, int64_t H, int64_t W, int64_t Ho, 
 constexpr int64_t kBlock = 16;
 
 template <typename A>
+A corner_weight(const Bilinear<A>& q, int64_t c, int oy, int ox) {
+  return oy ? (ox ? q.w11[c] : q.w10[c]) : (ox ? q.w01[c] : q.w00[c]);
+}
+
+template <typename A>
 struct Displacements {
   struct Entry {
     int64_t dy, dx, at;  // displacement, offset of its lanes in coef/mask
@@ -802,12 +807,10 @@ struct Displacements {
     std::vector<Entry> entries;
   };
   std::vector<Block> blocks;
-  std::vector<A> coef[2];  // coefficient sets (forward/adjoint weights; or d/d dy and d/d dx terms)
+  std::vector<A> coef;  // bilinear weight of each lane's channel at the displacement (0 if unused)
   std::vector<A> mask;  // 1 where the lane's channel uses the displacement
 
-  // corner_coef(c, oy, ox, set) gives the coefficient of corner (oy, ox) of channel c in coefficient set `set`
-  template <typename F>
-  Displacements(const Bilinear<A>& q, int64_t C, int sets, const F& corner_coef) {
+  Displacements(const Bilinear<A>& q, int64_t C) {
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
       Block blk{c0, std::min(kBlock, C - c0), {}};
       for (int64_t k = 0; k < blk.len; ++k)
@@ -819,21 +822,17 @@ struct Displacements {
             if (it == blk.entries.end()) {
               blk.entries.push_back({dy, dx, static_cast<int64_t>(mask.size())});
               mask.resize(mask.size() + kBlock, A(0));
-              for (int t = 0; t < sets; ++t) coef[t].resize(mask.size(), A(0));
+              coef.resize(mask.size(), A(0));
               it = blk.entries.end() - 1;
             }
             mask[it->at + k] = A(1);
-            for (int t = 0; t < sets; ++t) coef[t][it->at + k] = corner_coef(c, oy, ox, t);
+            coef[it->at + k] = corner_weight(q, c, oy, ox);
           }
       blocks.push_back(std::move(blk));
     }
   }
 };
 
-template <typename A>
-A corner_weight(const Bilinear<A>& q, int64_t c, int oy, int ox) {
-  return oy ? (ox ? q.w11[c] : q.w10[c]) : (ox ? q.w01[c] : q.w00[c]);
-}
 
 // acc[k] += coef[k] * (mask[k] ? z[k] : 0) for the lanes of one block (full blocks unrolled at compile time);
 // z is loaded unconditionally (it lies inside the pixel) so that the select vectorises as a blend.
@@ -880,7 +879,7 @@ void bilinear_nhwc(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64
               k = x * S + e.dx;
             }
             if (r < 0 || r >= Hs || k < 0 || k >= Ws) continue;
-            madd(acc, &d.coef[0][e.at], &d.mask[e.at], sn + (r * Ws + k) * C + blk.c0, blk.len);
+            madd(acc, &d.coef[e.at], &d.mask[e.at], sn + (r * Ws + k) * C + blk.c0, blk.len);
           }
           for (int64_t k = 0; k < blk.len; ++k) o[blk.c0 + k] = static_cast<T>(acc[k]);
         }
@@ -1309,10 +1308,6 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
   return true;
 }
 
-template <typename A>
-Displacements<A> weight_displacements(const Bilinear<A>& q, int64_t C) {
-  return Displacements<A>(q, C, 1, [&](int64_t c, int oy, int ox, int) { return corner_weight(q, c, oy, ox); });
-}
 
 // Rounds a double result to the accumulation type of the reference (float32 unless x is float64).
 template <typename A>
@@ -1346,7 +1341,7 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
       constexpr int S = decltype(s)::value;
       if (cl) {
         if (!bilinear_nhwc_vec<S>(xp, op, N, C, H, W, Ho, Wo, vec_plans(q, C, 1)))
-          bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, weight_displacements(q, C));
+          bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, Displacements<A>(q, C));
         return;
       }
       parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
@@ -1403,7 +1398,7 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
         if (want_gx && !args.integer_adjoint &&
             (S != 1 || !bilinear_nhwc_vec<1>(gp, gxp, N, C, Ho, Wo, H, W, vec_plans(q_gx, C, -1))))
-          bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, weight_displacements(q_gx, C));
+          bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, Displacements<A>(q_gx, C));
         if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
