@@ -15,7 +15,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -91,11 +90,9 @@ def _measure(fns: dict, warmup: int, repeats: int) -> dict:
 
 
 def _machine() -> list[str]:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
+    from fewshifts.deploy.bench import cpu_name
+
+    model = cpu_name()
     maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
     alloc = "tcmalloc (LD_PRELOAD)" if "tcmalloc" in maps else "glibc malloc (no tcmalloc preloaded)"
     return [

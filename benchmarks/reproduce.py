@@ -144,16 +144,15 @@ def table6(runs: Path) -> tuple[list[str], dict]:
     """The SSL Tab. 6 analog and each complete row's deployed latencies {key: (batch 1 ms, batch 128 ms)}."""
     lines = ["| network | test accuracy | params | MAdds | shift sparsity | deployed latency b=1 | b=128 "
              "| train wall time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = [(r, s) for r in ROWS if r.table == "tab6" and (s := _load(runs, r.key)) is not None]
-    models = {r.key: fs.load_model(runs / r.key) for r, _ in rows}
+    done = {r.key: s for r in ROWS if r.table == "tab6" and (s := _load(runs, r.key)) is not None}
+    models = {key: fs.load_model(runs / key) for key in done}
     per_batch = [deployed_latencies_ms(models, b) for b in (1, 128)] if models else []
     latency = {key: tuple(t[key] for t in per_batch) for key in models}
     for row in (r for r in ROWS if r.table == "tab6"):
-        s = _load(runs, row.key)
-        if s is None:
+        if row.key not in done:
             lines.append(f"| {row.label} | not run yet | | | | | | |")
             continue
-        lat = latency[row.key]
+        s, lat = done[row.key], latency[row.key]
         lines.append(f"| {row.label} | {_pct(s['test_acc'])} | {s['params'] / 1e6:.2f}M | {s['madds'] / 1e6:.1f}M "
                      f"| {_pct(s['sparsity'])} | {lat[0]:.2f} ms | {lat[1]:.1f} ms | {s['wall_time_s'] / 60:.0f} min |")
     return lines, latency
@@ -177,8 +176,9 @@ def _verdict(held: bool | None, text: str, detail: str) -> str:
 
 def claims(runs: Path, prune_rows: list[dict], latency: dict, steps: int | None) -> list[str]:
     """Each paper claim checked against the complete rows: held / did not hold, with the margin."""
-    acc = {r.key: s["test_acc"] for r in ROWS if (s := _load(runs, r.key)) is not None}
-    sparsity = {r.key: s["sparsity"] for r in ROWS if (s := _load(runs, r.key)) is not None}
+    done = {r.key: s for r in ROWS if (s := _load(runs, r.key)) is not None}
+    acc = {key: s["test_acc"] for key, s in done.items()}
+    sparsity = {key: s["sparsity"] for key, s in done.items()}
 
     def diff(a: str, b: str) -> str:
         return f"{_pct(acc[a])} vs {_pct(acc[b])} ({100 * (acc[a] - acc[b]):+.1f} points)"
@@ -265,15 +265,15 @@ def cpu_description() -> str:
 def write_doc(path: Path, runs: Path, args: argparse.Namespace, data_dir: str | None) -> None:
     torch.set_num_threads(2)
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:])
-    for row in ROWS:  # the per-row summaries next to the page, so that every number is traceable
-        if (s := _load(runs, row.key)) is not None:
-            dest = path.parent / "results" / f"{row.key}.json"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(json.dumps(s, indent=1, sort_keys=True) + "\n")
+    done = {r.key: s for r in ROWS if (s := _load(runs, r.key)) is not None}
+    for key, summary in done.items():  # the per-row summaries next to the page, so that every number is traceable
+        dest = path.parent / "results" / f"{key}.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     tab3, prune_rows = table3(runs, data_dir)
     tab6, latency = table6(runs)
     plot = plot_learned_shifts(runs, path.parent / "results" / "ssl-5e-4-shifts.png", path)
-    steps = next((s["steps"] for r in ROWS if (s := _load(runs, r.key)) is not None), None)
+    steps = next((s["steps"] for s in done.values()), None)
     parts = [
         "# Results: the papers' claims on Fashion-MNIST",
         "",
