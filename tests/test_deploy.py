@@ -250,6 +250,28 @@ def test_integer_shift_direct_kernel_call_matches_op(pattern, layout):
         module(x.clone().requires_grad_())  # autograd: through shift2d_, which refuses
 
 
+def test_integer_shift_direct_call_follows_backend_and_copies(monkeypatch):
+    """The kernels IntegerShift calls directly are looked up once per FEWSHIFTS_BACKEND value (the reference
+    path when it says so), are left out of copies, and a changed shift buffer is seen."""
+    import copy
+
+    shifts = torch.tensor([[0, 0], [0, 0], [1, -1], [-1, 0]])
+    module = IntegerShift(shifts, inplace=True)
+    x = torch.randn(1, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(module(x.clone()), fs.shift2d(x, shifts))
+        monkeypatch.setenv("FEWSHIFTS_BACKEND", "reference")
+        assert module._direct_kernels(x) is None  # the pure-PyTorch path
+        assert torch.equal(module(x.clone()), fs.shift2d(x, shifts))
+        monkeypatch.undo()
+        clone = copy.deepcopy(module)
+        assert "_kernels" not in clone.__dict__
+        with torch.no_grad():
+            module.shifts[2] = torch.tensor([0, 1])
+        assert torch.equal(clone(x.clone()), fs.shift2d(x, shifts))
+        assert torch.equal(module(x.clone()), fs.shift2d(x, module.shifts))
+
+
 @pytest.mark.parametrize("act", [None, "relu", "relu6"])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_conv_act_prepacked_weights(act, layout, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,7 +100,8 @@ class IntegerShift(nn.Module):
             return _shift_lowered(x, self.runs, self.stride)
         if self.inplace:
             kernels = self._direct_kernels(x)
-            if kernels is not None:  # eager CPU inference: the C++ kernel without the custom-op dispatch
+            if kernels is not None and x.shape[1] == self._buffers["shifts"].shape[0]:
+                # eager CPU inference: the C++ kernel without the custom-op dispatch
                 kernels.shift_inplace(x, self._clamped_shifts(x.shape[2], x.shape[3]))
                 return x
             if name_for(x) == "cpp":
@@ -110,23 +113,35 @@ class IntegerShift(nn.Module):
         """The C++ kernels when ``x`` is a plain CPU tensor in eager inference, else None (tracing, export,
         torch.compile, autograd and other backends go through :func:`fewshifts.ops.shift2d_`).
 
-        The dispatch of the custom op costs about 0.1 ms a call, as much as the shift of a 14x14 feature map.
+        The dispatch of the custom op costs about 0.1 ms a call, as much as the shift of a 14x14 feature map; the
+        checks here are ordered cheapest first and the backend is looked up once per ``FEWSHIFTS_BACKEND`` value.
         """
-        if type(x) is not Tensor or x.device.type != "cpu" or x.dim() != 4 or len(self.shifts) != x.shape[1]:
+        if type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        if (x.requires_grad and torch.is_grad_enabled()) or not x.is_floating_point():
+        if not x.is_floating_point() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return None
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return None
-        kernels = backend.kernels_for(x)
-        return None if kernels is backend.reference else kernels
+        mode = os.environ.get("FEWSHIFTS_BACKEND")
+        cached = self.__dict__.get("_kernels")
+        if cached is None or cached[0] != mode:
+            kernels = backend.kernels_for(x)
+            cached = self.__dict__["_kernels"] = (mode, None if kernels is backend.reference else kernels)
+        return cached[1]
 
     def _clamped_shifts(self, height: int, width: int) -> Tensor:
-        key = (height, width, _version(self.shifts), self.shifts.data_ptr())  # a reloaded buffer is seen
-        if key not in self._clamped:  # beyond the image the channel is all zero: same as shift2d_'s clamping
+        """The shifts clamped to the image (as :func:`fewshifts.ops.shift2d_` clamps them), cached per image size
+        and buffer state (a reloaded or modified buffer is seen)."""
+        shifts = self._buffers["shifts"]  # not self.shifts: nn.Module.__getattr__ costs about a microsecond
+        key = (height, width, _version(shifts), shifts.data_ptr())
+        clamped = self._clamped.get(key)
+        if clamped is None:  # beyond the image the channel is all zero: same as shift2d_'s clamping
             limit = torch.tensor([height + 1, width + 1])
-            self._clamped[key] = torch.maximum(torch.minimum(self.shifts, limit), -limit).contiguous()
-        return self._clamped[key]
+            clamped = self._clamped[key] = torch.maximum(torch.minimum(shifts, limit), -limit).contiguous()
+        return clamped
+
+    def __getstate__(self):  # copies and pickles look the kernels (a Python module) up again
+        state = self.__dict__.copy()
+        state.pop("_kernels", None)
+        return state
 
     def extra_repr(self) -> str:
         shifted = sum(stop - start for start, stop, dy, dx in self.runs if dy or dx)
