@@ -199,6 +199,7 @@ def write_back(base: Tensor, starts: tuple[int, ...], values: tuple[Tensor, ...]
 _ONEDNN_ACTS = {"relu": ("relu", (None,)), "relu6": ("hardtanh", (0.0, 6.0)), None: ("none", ())}  # post-op, scalars
 _MAX_PLANS = 4  # input shapes a ConvAct keeps a plan (and packed weights) for
 _SLOW_CALL_S = 2e-3  # a call this long is dominated by arithmetic: the oneDNN form is kept without more timing
+_ATEN_MARGIN = 0.85  # ATen's form is chosen when it takes at most this fraction of oneDNN's time
 
 
 class ConvAct(nn.Module):
@@ -209,7 +210,8 @@ class ConvAct(nn.Module):
     convolution time at batch 1), or ATen's ``conv2d`` followed by an in-place activation, whose fixed cost
     per call is several times lower (tens of microseconds against about 0.1 ms: it wins on small maps, 7x7 at
     batch 1). The first call with a new input shape times both (only when a call is short enough for that
-    to matter) and keeps the faster; the plan and packed weights live beside the module, not in its state.
+    to matter) and keeps ATen's form only when it is clearly faster (near ties go to oneDNN); the plan and packed
+    weights live beside the module, not in its state.
 
     Falls back to ``act(conv(x))`` off CPU, when oneDNN is not available, and under tracing / compilation.
     """
@@ -273,12 +275,14 @@ class ConvAct(nn.Module):
             onednn(x)
             if time.perf_counter() - start < _SLOW_CALL_S:  # short calls: fixed costs matter, time both
                 best = {}
-                for _ in range(3):
+                for _ in range(5):
                     for name, fn in (("onednn", onednn), ("aten", self._aten_inplace)):
                         start = time.perf_counter()
                         fn(x)
                         best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-                plan = onednn if best["onednn"] <= best["aten"] else self._aten_inplace
+                # ATen only when clearly faster: near ties went either way with the machine's load, so that the
+                # same convolution got different forms in different models of one benchmark run
+                plan = self._aten_inplace if best["aten"] < _ATEN_MARGIN * best["onednn"] else onednn
         if len(self._plans) >= _MAX_PLANS:
             self._plans.pop(next(iter(self._plans)))
         self._plans[key] = plan
