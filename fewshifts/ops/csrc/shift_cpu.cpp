@@ -320,10 +320,10 @@ void move_nhwc(const T* src, T* dst, const Move& m) {
 // exactly. Vectors of a single displacement are merged into runs of channels copied as a whole; the other vectors
 // are taken in classes of equal displacement count K, one fixed-length loop per class (no branch per vector).
 // Output pixels are written in memory order; a source row outside the image reads a zero row, and only the few
-// columns where some displacement leaves the image take a checked path. Every source row in use is prefetched two
-// output pixels ahead: the reads alternate between rows and neighbouring pixels, which the hardware prefetcher does
-// not follow (without it, large rows ran 2-3x slower). Returns false (nothing done) for the stride-2 adjoint and for
-// per-channel shifts.
+// columns where some displacement leaves the image take a checked path. Every source row in use is prefetched a
+// few output pixels (at least 4 KB) ahead: the reads alternate between rows and neighbouring pixels, which the
+// hardware prefetcher does not follow (without it, 1.5-2x slower). Returns false (nothing done) for the stride-2
+// adjoint and for per-channel shifts (move_nhwc_channels).
 template <typename U>
 struct UVec;
 template <>
@@ -357,7 +357,6 @@ template <typename U>
 bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
   using VU = typename UVec<U>::V;
   constexpr int64_t L = 32 / sizeof(U);
-  constexpr int64_t kPrefetch = 2;  // output pixels ahead
   const int64_t C = m.C, S = m.rows[0].sstep;
   for (int64_t c = 0; c < C; ++c) {
     const Seg &r = m.rows[c], &k = m.cols[c];
@@ -445,6 +444,7 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
   const int64_t jlo = std::max<int64_t>(0, -floordiv(dx0, S));
   const int64_t jhi = m.Ws - 1 - dx1 >= 0 ? std::min(m.Wd, floordiv(m.Ws - 1 - dx1, S) + 1) : 0;
   const bool prefetch = dys.size() <= 8 && dx1 - dx0 <= 4;
+  const int64_t ahead = std::max<int64_t>(2, 4096 / static_cast<int64_t>(S * C * sizeof(U)));  // pixels, >= 4 KB
   const std::vector<U> zero(m.Ws * C, U(0));
 
   parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
@@ -457,7 +457,7 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
       };
       for (const Item& it : items)
         for (int64_t e = it.e0; e < it.e0 + it.K; ++e) ptr[e] = row(ents[e].dy) + ents[e].dx * C + it.c0;
-      for (size_t r = 0; r < dys.size(); ++r) pf[r] = row(dys[r]) + (kPrefetch * S + dx1 - S + 1) * C;
+      for (size_t r = 0; r < dys.size(); ++r) pf[r] = row(dys[r]) + (ahead * S + dx1 - S + 1) * C;
       U* orow = dst + q * m.Wd * C;
       auto checked = [&](int64_t j, const Item& it) {  // any column: displacements outside the image read zero
         if (it.K == 1) {
