@@ -150,6 +150,28 @@ def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
     assert torch.equal(kernels.shift_backward(g, shifts, stride, 5, 6), ref)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_vector_kernel_mixed_displacement_counts(kernels, dtype, stride):
+    """channels_last integer kernel on whole vectors (16 bf16 / 8 float / 4 double lanes): mostly runs of one
+    displacement, plus vectors with 2, 3 and as many displacements as lanes (more than 8 for bf16), and a short last
+    vector with 3; every vector class and the checked border columns, against the reference."""
+    lanes = {torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}[dtype]
+    C = 40 * 16 + 3
+    shifts = torch.tensor([1, -1]).repeat(C, 1)
+    grid = torch.tensor([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (1, -1)])
+    shifts[:lanes] = grid[:lanes]  # vector 0: one displacement per lane
+    shifts[lanes : lanes + 3] = grid[:3]  # vector 1: 3 (with the run's)
+    shifts[2 * lanes + 1] = torch.tensor([0, 0])  # vector 2: 2
+    shifts[C - 3 :] = grid[4:7]  # short last vector: 3
+    x = torch.randn(2, C, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = kernels.shift_forward(x, shifts, stride)
+    assert torch.equal(out, reference.shift_forward(x, shifts, stride))
+    g = torch.randn_like(out)
+    ref = reference.shift_backward(g, shifts, stride, 5, 7)
+    assert torch.equal(kernels.shift_backward(g, shifts, stride, 5, 7), ref)
+
+
 @pytest.mark.parametrize("reach", [1.0, 1.5, 3.0])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -104,6 +104,27 @@ inline void zero_bytes(char* d, size_t n) {  // all-zero bits are 0.0 in every f
   }
 }
 
+// Copies of any length in 32-byte moves, four per iteration (the last move may overlap the previous ones). Used
+// instead of memcpy for the spans of the integer kernels: glibc's memcpy uses `rep movsb` from 2 KB on, which on
+// this Zen 3 is slow when source and destination are not equally aligned (a shifted copy): 1.5x slower per plane.
+inline void copy_long(char* __restrict__ d, const char* __restrict__ s, size_t n) {
+  if (n < 64) return copy_bytes(d, s, n);
+  size_t k = 0;
+  for (; k + 128 <= n; k += 128) {
+    std::memcpy(d + k, s + k, 32);
+    std::memcpy(d + k + 32, s + k + 32, 32);
+    std::memcpy(d + k + 64, s + k + 64, 32);
+    std::memcpy(d + k + 96, s + k + 96, 32);
+  }
+  for (; k + 32 <= n; k += 32) std::memcpy(d + k, s + k, 32);
+  if (k < n) std::memcpy(d + n - 32, s + n - 32, 32);
+}
+
+template <typename T>
+void copy_long_n(T* dst, const T* src, int64_t n) {
+  copy_long(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
+}
+
 template <typename T>
 void copy_n(T* dst, const T* src, int64_t n) {
   copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
@@ -154,7 +175,7 @@ void move_row(T* dst, int64_t n_dst, const T* src, const Seg& s) {
   if (s.ostep == 1) {
     zero_n(dst, s.o0);
     if (s.sstep == 1) {
-      copy_n(dst + s.o0, src + s.s0, s.count);
+      copy_long_n(dst + s.o0, src + s.s0, s.count);
     } else {
       T* d = dst + s.o0;
       const T* p = src + s.s0;
@@ -172,8 +193,26 @@ struct Move {  // per channel row/column segments between a source (Hs, Ws) and 
   std::vector<Seg> rows, cols;
 };
 
+// One NCHW plane. Stride 1 (forward or adjoint: the source and destination planes have one size): the valid rows
+// are one contiguous span of the source (whole rows when dx = 0), copied with one memcpy; with dx != 0 each row's
+// |dx| columns that received a neighbouring row's pixels are zeroed afterwards (the span is still in cache). Short
+// rows (64-128 bytes) thus cost no per-row copy. Stride 2 goes row by row.
 template <typename T>
 void move_plane(const T* src, T* dst, const Move& m, int64_t c) {
+  const Seg &rs = m.rows[c], &cs = m.cols[c];
+  if (rs.ostep == 1 && rs.sstep == 1 && cs.ostep == 1 && cs.sstep == 1 && m.Hs == m.Hd && m.Ws == m.Wd) {
+    const int64_t W = m.Wd;
+    if (rs.count == 0 || cs.count == 0) return zero_n(dst, m.Hd * W);  // (o0 is arbitrary when count is 0)
+    const int64_t y0 = rs.o0, y1 = rs.o0 + rs.count, a = cs.o0, b = cs.o0 + cs.count;  // valid rows, columns
+    zero_n(dst, y0 * W + a);
+    copy_long_n(dst + y0 * W + a, src + rs.s0 * W + cs.s0, (y1 - y0 - 1) * W + (b - a));
+    for (int64_t y = y0; y < y1; ++y) {
+      T* row = dst + y * W;
+      for (int64_t x = b; x < W + (y + 1 < y1 ? a : 0); ++x) row[x] = T(0);  // this row's tail, next row's head
+    }
+    zero_n(dst + y1 * W, (m.Hd - y1) * W);
+    return;
+  }
   for (int64_t y = 0; y < m.Hd; ++y) {
     const int64_t r = m.rows[c].source(y);
     move_row(dst + y * m.Wd, m.Wd, r >= 0 ? src + r * m.Ws : nullptr, m.cols[c]);
@@ -203,8 +242,9 @@ std::vector<Run> runs_of(const Move& m) {
   return runs;
 }
 
-// channels_last with per-channel shifts (short runs, e.g. rounded learned shifts): one element per channel, each
-// from its own offset. Needs every axis map to be affine (o -> o*step + base on [lo, hi)): the forward movement
+// channels_last with per-channel shifts (rounded learned shifts: many displacements per vector of channels): one
+// element per channel, each from its own offset (measured faster here than blending whole vectors from 3-8 source
+// pixels, move_nhwc_vec). Needs every axis map to be affine (o -> o*step + base on [lo, hi)): the forward movement
 // and the stride-1 adjoint. Pixels where every channel reads inside the image skip the per-channel checks.
 template <typename T>
 bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
@@ -240,7 +280,8 @@ bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
   return true;
 }
 
-// channels_last: each output pixel is a sequence of runs, each copied from its own source pixel or zero-filled.
+// channels_last: each output pixel is a sequence of runs, each copied from its own source pixel or zero-filled (the
+// stride-2 adjoint, whose axis maps are not affine; per-channel shifts go channel by channel).
 template <typename T>
 void move_nhwc(const T* src, T* dst, const Move& m) {
   const std::vector<Run> runs = runs_of(m);
@@ -272,12 +313,17 @@ void move_nhwc(const T* src, T* dst, const Move& m) {
   });
 }
 
-// channels_last integer movement on whole 32-byte vectors of channels (forward, and the stride-1 adjoint: maps
-// o -> o*S + d on every axis). Per vector the distinct displacements of its lanes are listed with a lane mask;
-// a pixel's vector is the OR of (source pixel at d) AND mask over the listed d that lie inside the image, so
-// lanes whose source is outside stay zero, and the bits are moved exactly. Grouped shifts of few channels give
-// one or two displacements per vector (one or two loads per 32 bytes). Returns false (nothing done) where
-// move_nhwc is used instead.
+// channels_last integer movement on whole 32-byte vectors of channels, for movements whose axis maps are affine,
+// o -> o*S + d (the forward movement, any stride, and the stride-1 adjoint), with at most two displacements per
+// vector on average (grouped shifts). Per vector the distinct displacements (dy, dx) of its lanes are listed once
+// with a lane mask; an output vector is the OR over them of (source pixel at d) AND mask, so the bits are moved
+// exactly. Vectors of a single displacement are merged into runs of channels copied as a whole; the other vectors
+// are taken in classes of equal displacement count K, one fixed-length loop per class (no branch per vector).
+// Output pixels are written in memory order; a source row outside the image reads a zero row, and only the few
+// columns where some displacement leaves the image take a checked path. Every source row in use is prefetched a
+// few output pixels (at least 4 KB) ahead: the reads alternate between rows and neighbouring pixels, which the
+// hardware prefetcher does not follow (without it, 1.5-2x slower). Returns false (nothing done) for the stride-2
+// adjoint and for per-channel shifts (move_nhwc_channels).
 template <typename U>
 struct UVec;
 template <>
@@ -293,6 +339,20 @@ struct UVec<uint64_t> {
   typedef uint64_t V __attribute__((vector_size(32)));
 };
 
+// acc |= (lanes of the K sources at column offset jo) & mask, for n vectors of K displacements each.
+template <int K, typename U, typename VU>
+inline void blend_vectors(const U* const* ptr, const VU* mask, const int64_t* c0, int64_t n, int64_t jo, U* o) {
+  for (int64_t v = 0; v < n; ++v, ptr += K, mask += K) {
+    VU acc{};
+    for (int t = 0; t < K; ++t) {
+      VU a;
+      std::memcpy(&a, ptr[t] + jo, sizeof(a));
+      acc |= a & mask[t];
+    }
+    std::memcpy(o + c0[v], &acc, sizeof(acc));
+  }
+}
+
 template <typename U>
 bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
   using VU = typename UVec<U>::V;
@@ -302,93 +362,154 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
     const Seg &r = m.rows[c], &k = m.cols[c];
     if (r.ostep != 1 || k.ostep != 1 || r.sstep != S || k.sstep != S) return false;
   }
-  struct Plan {
-    int64_t c0, len;
-    std::vector<int64_t> dy, dx;
-    std::vector<VU> mask;
+  // Items: a run of channels of one displacement (K = 1, any length), or one vector of K >= 2 displacements (len L,
+  // or a shorter last vector); ordered runs first, then full vectors by K, then the short vector. Entries (one per
+  // displacement of an item, contiguous per item) in the same order.
+  struct Item {
+    int64_t c0, len, K, e0;
   };
-  std::vector<Plan> plans;
+  struct Entry {
+    int64_t dy, dx;
+    VU mask;
+  };
+  std::vector<Item> runs, vecs, tail;
+  std::vector<Entry> ent_runs, ent_vecs, ent_tail;
+  int64_t dx0 = std::numeric_limits<int64_t>::max(), dx1 = std::numeric_limits<int64_t>::min();
+  std::vector<int64_t> dys;
+  int64_t listed = 0;  // displacements listed over all vectors
   for (int64_t c0 = 0; c0 < C; c0 += L) {
-    Plan p{c0, std::min(L, C - c0), {}, {}, {}};
-    for (int64_t k = 0; k < p.len; ++k) {
+    const int64_t len = std::min(L, C - c0);
+    std::vector<Entry> es;
+    for (int64_t k = 0; k < len; ++k) {
       const Seg &r = m.rows[c0 + k], &s = m.cols[c0 + k];
       const int64_t dy = r.s0 - r.o0 * S, dx = s.s0 - s.o0 * S;
       size_t e = 0;
-      while (e < p.dy.size() && (p.dy[e] != dy || p.dx[e] != dx)) ++e;
-      if (e == p.dy.size()) {
-        p.dy.push_back(dy);
-        p.dx.push_back(dx);
-        p.mask.push_back(VU{});
-      }
-      p.mask[e][k] = ~U(0);
+      while (e < es.size() && (es[e].dy != dy || es[e].dx != dx)) ++e;
+      if (e == es.size()) es.push_back({dy, dx, VU{}});
+      es[e].mask[k] = ~U(0);
+      dx0 = std::min(dx0, dx), dx1 = std::max(dx1, dx);
+      if (std::find(dys.begin(), dys.end(), dy) == dys.end()) dys.push_back(dy);
     }
-    plans.push_back(std::move(p));
+    const int64_t K = static_cast<int64_t>(es.size());
+    listed += K;
+    if (K == 1) {
+      if (!runs.empty() && runs.back().c0 + runs.back().len == c0 && ent_runs.back().dy == es[0].dy &&
+          ent_runs.back().dx == es[0].dx) {
+        runs.back().len += len;
+      } else {
+        runs.push_back({c0, len, 1, static_cast<int64_t>(ent_runs.size())});
+        ent_runs.push_back(es[0]);
+      }
+      continue;
+    }
+    std::vector<Item>& items = len == L ? vecs : tail;
+    std::vector<Entry>& ents = len == L ? ent_vecs : ent_tail;
+    items.push_back({c0, len, K, static_cast<int64_t>(ents.size())});
+    ents.insert(ents.end(), es.begin(), es.end());
   }
-  // Only where it measured faster than move_nhwc (AVX2, Zen 3): short runs (which move_nhwc copies channel by
-  // channel) with at most two displacements per vector on average (grouped shifts of few channels).
-  int64_t runs = 1, listed = 0;
-  for (int64_t c = 1; c < C; ++c) runs += !(m.rows[c] == m.rows[c - 1] && m.cols[c] == m.cols[c - 1]);
-  for (const Plan& p : plans) listed += static_cast<int64_t>(p.dy.size());
-  if (C >= 32 * runs || listed > 2 * static_cast<int64_t>(plans.size())) return false;
+  if (listed > 2 * ((C + L - 1) / L)) return false;  // per-channel shifts: move_nhwc_channels is faster
+  {  // full vectors by K (stable: channel order within a class)
+    std::vector<Item> sorted(vecs);
+    std::stable_sort(sorted.begin(), sorted.end(), [](const Item& a, const Item& b) { return a.K < b.K; });
+    std::vector<Entry> ents;
+    for (Item& it : sorted) {
+      const int64_t e0 = static_cast<int64_t>(ents.size());
+      ents.insert(ents.end(), ent_vecs.begin() + it.e0, ent_vecs.begin() + it.e0 + it.K);
+      it.e0 = e0;
+    }
+    vecs.swap(sorted);
+    ent_vecs.swap(ents);
+  }
+  std::vector<Item> items(runs);  // all items, entries renumbered into one table
+  std::vector<Entry> ents(ent_runs);
+  for (const auto* group : {&vecs, &tail}) {
+    const std::vector<Entry>& from = group == &vecs ? ent_vecs : ent_tail;
+    for (Item it : *group) {
+      const int64_t e0 = static_cast<int64_t>(ents.size());
+      ents.insert(ents.end(), from.begin() + it.e0, from.begin() + it.e0 + it.K);
+      it.e0 = e0;
+      items.push_back(it);
+    }
+  }
+  const int64_t nruns = static_cast<int64_t>(runs.size()), nvecs = static_cast<int64_t>(vecs.size());
+  const int64_t ne = static_cast<int64_t>(ents.size());
+  // per class K of full vectors: first item and count, and the vectors' first channels
+  std::vector<int64_t> class_begin(L + 2, nruns + nvecs), vec_c0(nvecs);
+  for (int64_t v = nvecs - 1; v >= 0; --v) class_begin[vecs[v].K] = nruns + v;
+  for (int64_t k = L; k >= 2; --k) class_begin[k] = std::min(class_begin[k], class_begin[k + 1]);
+  for (int64_t v = 0; v < nvecs; ++v) vec_c0[v] = vecs[v].c0;
+  std::vector<VU> masks(ne);
+  for (int64_t e = 0; e < ne; ++e) masks[e] = ents[e].mask;
+  // output columns where every displacement reads inside the image: [jlo, jhi)
+  const int64_t jlo = std::max<int64_t>(0, -floordiv(dx0, S));
+  const int64_t jhi = m.Ws - 1 - dx1 >= 0 ? std::min(m.Wd, floordiv(m.Ws - 1 - dx1, S) + 1) : 0;
+  const bool prefetch = dys.size() <= 8 && dx1 - dx0 <= 4;
+  const int64_t ahead = std::max<int64_t>(2, 4096 / static_cast<int64_t>(S * C * sizeof(U)));  // pixels, >= 4 KB
+  const std::vector<U> zero(m.Ws * C, U(0));
+
   parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
-    const U* rp[L];
-    int64_t dxs[L], lo[L], hi[L];
-    VU mk[L];
+    std::vector<const U*> ptr(ne), pf(dys.size());  // per output row: source of each entry (at column 0), rows
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / m.Hd, i = q % m.Hd;
-      const U* sn = src + n * m.Hs * m.Ws * C;
+      auto row = [&](int64_t dy) {
+        const int64_t r = i * S + dy;
+        return r >= 0 && r < m.Hs ? src + (n * m.Hs + r) * m.Ws * C : zero.data();
+      };
+      for (const Item& it : items)
+        for (int64_t e = it.e0; e < it.e0 + it.K; ++e) ptr[e] = row(ents[e].dy) + ents[e].dx * C + it.c0;
+      for (size_t r = 0; r < dys.size(); ++r) pf[r] = row(dys[r]) + (ahead * S + dx1 - S + 1) * C;
       U* orow = dst + q * m.Wd * C;
-      for (const Plan& p : plans) {
-        int64_t K = 0, jlo = 0, jhi = m.Wd;  // [jlo, jhi): columns where every listed displacement is inside
-        for (size_t e = 0; e < p.dy.size(); ++e) {
-          const int64_t r = i * S + p.dy[e];
-          if (r < 0 || r >= m.Hs) continue;
-          const int64_t dx = p.dx[e];
-          rp[K] = sn + r * m.Ws * C + p.c0;
-          dxs[K] = dx;
-          mk[K] = p.mask[e];
-          lo[K] = std::max<int64_t>(0, -floordiv(dx, S));
-          hi[K] = m.Ws - 1 - dx >= 0 ? std::min(m.Wd, floordiv(m.Ws - 1 - dx, S) + 1) : 0;
-          jlo = std::max(jlo, lo[K]);
-          jhi = std::min(jhi, hi[K]);
-          ++K;
+      auto checked = [&](int64_t j, const Item& it) {  // any column: displacements outside the image read zero
+        if (it.K == 1) {
+          const int64_t col = j * S + ents[it.e0].dx;
+          if (col < 0 || col >= m.Ws) return zero_n(orow + j * C + it.c0, it.len);
+          return copy_long_n(orow + j * C + it.c0, ptr[it.e0] + j * S * C, it.len);
         }
-        U* o = orow + p.c0;
-        auto load = [&](const U* s) {
-          VU v{};
-          std::memcpy(&v, s, p.len * sizeof(U));
-          return v;
-        };
-        auto store = [&](U* d, const VU& v) { std::memcpy(d, &v, p.len * sizeof(U)); };
-        auto checked = [&](int64_t j) {
+        for (int64_t c = 0; c < it.len; c += L) {
+          const int64_t len = std::min(L, it.len - c);
           VU acc{};
-          for (int64_t t = 0; t < K; ++t)
-            if (j >= lo[t] && j < hi[t]) acc |= load(rp[t] + (j * S + dxs[t]) * C) & mk[t];
-          store(o + j * C, acc);
-        };
-        if (jlo >= jhi) {
-          for (int64_t j = 0; j < m.Wd; ++j) checked(j);
+          for (int64_t e = it.e0; e < it.e0 + it.K; ++e) {
+            const int64_t col = j * S + ents[e].dx;
+            if (col < 0 || col >= m.Ws) continue;
+            VU a{};
+            copy_n(reinterpret_cast<U*>(&a), ptr[e] + j * S * C + c, len);
+            acc |= a & masks[e];
+          }
+          copy_n(orow + j * C + it.c0 + c, reinterpret_cast<const U*>(&acc), len);
+        }
+      };
+      for (int64_t j = 0; j < m.Wd; ++j) {
+        if (j < jlo || j >= jhi) {
+          for (const Item& it : items) checked(j, it);
           continue;
         }
-        for (int64_t j = 0; j < jlo; ++j) checked(j);
-        if (p.len == L) {
-          for (int64_t j = jlo; j < jhi; ++j) {
-            VU acc{};
-            for (int64_t t = 0; t < K; ++t) {
-              VU v;
-              std::memcpy(&v, rp[t] + (j * S + dxs[t]) * C, sizeof(v));
-              acc |= v & mk[t];
-            }
-            std::memcpy(o + j * C, &acc, sizeof(acc));
+        if (prefetch)
+          for (const U* p : pf) {
+            const char* b = reinterpret_cast<const char*>(p + j * S * C);
+            for (int64_t k = 0; k < static_cast<int64_t>(S * C * sizeof(U)); k += 64) __builtin_prefetch(b + k);
           }
-        } else {
-          for (int64_t j = jlo; j < jhi; ++j) {
-            VU acc{};
-            for (int64_t t = 0; t < K; ++t) acc |= load(rp[t] + (j * S + dxs[t]) * C) & mk[t];
-            store(o + j * C, acc);
+        const int64_t jo = j * S * C;
+        U* o = orow + j * C;
+        for (int64_t r = 0; r < nruns; ++r) copy_long_n(o + items[r].c0, ptr[items[r].e0] + jo, items[r].len);
+        for (int64_t k = 2; k <= L; ++k) {
+          const int64_t b = class_begin[k], n = class_begin[k + 1] - b;
+          if (n == 0) continue;
+          const U* const* p = ptr.data() + items[b].e0;
+          const VU* mk = masks.data() + items[b].e0;
+          const int64_t* c0 = vec_c0.data() + (b - nruns);
+          switch (k) {
+            case 2: blend_vectors<2>(p, mk, c0, n, jo, o); break;
+            case 3: blend_vectors<3>(p, mk, c0, n, jo, o); break;
+            case 4: blend_vectors<4>(p, mk, c0, n, jo, o); break;
+            case 5: blend_vectors<5>(p, mk, c0, n, jo, o); break;
+            case 6: blend_vectors<6>(p, mk, c0, n, jo, o); break;
+            case 7: blend_vectors<7>(p, mk, c0, n, jo, o); break;
+            case 8: blend_vectors<8>(p, mk, c0, n, jo, o); break;
+            default:  // more than 8 displacements per vector (16-bit lanes only)
+              for (int64_t v = b; v < b + n; ++v) checked(j, items[v]);
           }
         }
-        for (int64_t j = jhi; j < m.Wd; ++j) checked(j);
+        for (size_t v = nruns + nvecs; v < items.size(); ++v) checked(j, items[v]);
       }
     }
   });
