@@ -235,6 +235,24 @@ def test_relu_sparse_kernels_match_reference(kernels, case):
     torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_relu_sparse_non_finite_like_composition(kernels, layout):
+    """inf / nan in z: the fused kernels give what the C++ composition (relu, sparse kernels, ReLU gradient) gives."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 6, 9, 8, generator=g)
+    z[0, 1, 4, 4], z[1, 2, 0, 7], z[0, 3, 8, 0], z[1, 4, 5, 2] = float("inf"), float("nan"), float("-inf"), float("inf")
+    z = _layout(z, layout)
+    grad = _layout(torch.randn(2, 6, 9, 8, generator=g), layout)
+    real = torch.rand(6, 2, generator=g) * 3 - 1.5
+    rounded = torch.round(real).long()
+    assert torch.equal(kernels.relu_shift_forward(z, rounded, 1).isnan(),
+                       kernels.shift_forward(torch.relu(z), rounded, 1).isnan())
+    gz, gs = kernels.relu_sparse_backward(grad, z, rounded, real, 1)
+    ref_gx, ref_gs = kernels.sparse_backward(grad, torch.relu(z), rounded, real, 1)
+    torch.testing.assert_close(gz, torch.ops.aten.threshold_backward(ref_gx, z, 0), equal_nan=True)
+    torch.testing.assert_close(gs, ref_gs, equal_nan=True)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] == 1], ids=_case_id)
 def test_shift_inplace_matches_reference(kernels, case):
     x, shifts, _, _ = _inputs(case)

@@ -318,7 +318,6 @@ def _train_step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
 def test_fused_relu_shift_training_matches_composition(build, in_chans, monkeypatch):
     """In training the blocks' ReLU runs inside the sparse shift (relu_sparse_shift2d): same outputs, gradients
     and BN running statistics as ReLU then shift; eval mode and state_dict are unchanged."""
-    _seed()
     model = build().train()
     with torch.no_grad():
         for m in model.modules():
@@ -334,8 +333,9 @@ def test_fused_relu_shift_training_matches_composition(build, in_chans, monkeypa
     ref_out, ref_grads = _train_step(twin, x)
     assert n_fused == sum(isinstance(m, SparseShift2d) for m in model.modules()) and len(calls) == n_fused
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
-    for k, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k, g in grads.items():  # float32 sums in another order (the shift gradients: over N * H * W products)
+        ref = ref_grads[k]
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=k)
     state, ref_state = model.state_dict(), twin.state_dict()
     assert list(state) == list(ref_state)
     for k in state:
@@ -348,13 +348,14 @@ def test_fused_relu_shift_training_matches_composition(build, in_chans, monkeypa
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_training_with_fused_relu_shift():
-    _seed()
+    """The fused op compiles in one graph and matches the compiled unfused model (compiled against compiled: inductor
+    rounds training-mode BN differently from eager, by about 2e-3 of a gradient's scale at batch 2, fused or not)."""
     model = create_model("shiftresnet20", num_classes=10, in_chans=1).train()
-    twin = copy.deepcopy(model)
+    twin = _unfused_copy(model)
     x = torch.randn(2, 1, 28, 28)
-    compiled = torch.compile(model, fullgraph=True)
-    out, grads = _train_step(compiled, x)
-    ref_out, ref_grads = _train_step(twin, x)
-    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    out, grads = _train_step(torch.compile(model, fullgraph=True), x)
+    ref_out, ref_grads = _train_step(torch.compile(twin, fullgraph=True), x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for k, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[k.removeprefix("_orig_mod.")], rtol=1e-3, atol=1e-4, msg=k)
+        ref = ref_grads[k]
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()), msg=k)
