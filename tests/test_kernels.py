@@ -237,6 +237,44 @@ def test_sparse_backward_matches_its_parts(kernels, case):
     assert torch.equal(gx, ref_gx)
 
 
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_relu_sparse_kernels_match_reference(kernels, case):
+    x, _, real, grad = _inputs(case)
+    z = x
+    z[:, :, ::3] = 0  # exact zeros: relu(0) = 0 and a zero gradient there (in place: keeps the layout)
+    stride, dtype = case[1], case[3]
+    rounded = torch.round(real).long()
+    out, ref = kernels.relu_shift_forward(z, rounded, stride), reference.relu_shift_forward(z, rounded, stride)
+    _assert_same_format(out, ref)
+    assert torch.equal(out, ref)
+    gz, gs = kernels.relu_sparse_backward(grad, z, rounded, real, stride)
+    ref_gz, ref_gs = reference.relu_sparse_backward(grad, z, rounded, real, stride)
+    _assert_same_format(gz, ref_gz)
+    assert torch.equal(gz, ref_gz)
+    assert gs.dtype == ref_gs.dtype == real.dtype and gs.shape == real.shape
+    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / x.shape[1] + 1
+    eps = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_relu_sparse_non_finite_like_composition(kernels, layout):
+    """inf / nan in z: the fused kernels give what the C++ composition (relu, sparse kernels, ReLU gradient) gives."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 6, 9, 8, generator=g)
+    z[0, 1, 4, 4], z[1, 2, 0, 7], z[0, 3, 8, 0], z[1, 4, 5, 2] = float("inf"), float("nan"), float("-inf"), float("inf")
+    z = _layout(z, layout)
+    grad = _layout(torch.randn(2, 6, 9, 8, generator=g), layout)
+    real = torch.rand(6, 2, generator=g) * 3 - 1.5
+    rounded = torch.round(real).long()
+    assert torch.equal(kernels.relu_shift_forward(z, rounded, 1).isnan(),
+                       kernels.shift_forward(torch.relu(z), rounded, 1).isnan())
+    gz, gs = kernels.relu_sparse_backward(grad, z, rounded, real, 1)
+    ref_gx, ref_gs = kernels.sparse_backward(grad, torch.relu(z), rounded, real, 1)
+    torch.testing.assert_close(gz, torch.ops.aten.threshold_backward(ref_gx, z, 0), equal_nan=True)
+    torch.testing.assert_close(gs, ref_gs, equal_nan=True)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] == 1], ids=_case_id)
 def test_shift_inplace_matches_reference(kernels, case):
     x, shifts, _, _ = _inputs(case)
@@ -297,13 +335,13 @@ def test_empty_batch(kernels):
 def _run_public(op: str, x: torch.Tensor, shifts: torch.Tensor, stride: int):
     x = x.detach().requires_grad_()
     shifts = shifts.detach().requires_grad_(shifts.is_floating_point())
-    out = getattr(fs, op)(x, shifts, stride)
+    out = getattr(fs.ops, op)(x, shifts, stride)
     g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
     out.backward(g)
     return out.detach(), x.grad, shifts.grad
 
 
-@pytest.mark.parametrize("op", ["shift2d", "sparse_shift2d", "active_shift2d"])
+@pytest.mark.parametrize("op", ["shift2d", "sparse_shift2d", "relu_sparse_shift2d", "active_shift2d"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[3] == torch.float32][:6], ids=_case_id)
 def test_public_ops_same_on_both_backends(kernels, monkeypatch, op, case):
     x, shifts, real, _ = _inputs(case)

@@ -121,6 +121,52 @@ def test_gradcheck_float64(stride):
     assert torch.autograd.gradcheck(lambda a, s: fs.active_shift2d(a, s, stride), (x.detach().clone(), shifts))
 
 
+def _relu_input(shape, layout, seed=0, zeros=True):
+    """z for the fused ReLU: values away from the kink at 0 (|z| >= 0.1), and optionally some exact zeros."""
+    z = _input(shape, layout, seed=seed)
+    z = torch.where(z.abs() < 0.1, z.sign() * 0.1 + (z == 0) * 0.1, z)
+    if zeros:
+        z[:, :, ::3, ::2] = 0
+    return z
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_sparse_shift2d_equals_relu_then_sparse_shift2d(layout, stride):
+    """Oracle: the unfused composition (an in-place ReLU, as in ConvBN, then sparse_shift2d)."""
+    z = _relu_input((3, 7, 9, 8), layout)
+    shifts = _real_shifts(7, r=1.8)
+    grad_out = _input((3, 7, (9 - 1) // stride + 1, (8 - 1) // stride + 1), layout, seed=5)
+
+    zf, sf = z.clone().requires_grad_(), shifts.clone().requires_grad_()
+    out = fs.ops.relu_sparse_shift2d(zf, sf, stride)
+    out.backward(grad_out)
+
+    zc, sc = z.clone().requires_grad_(), shifts.clone().requires_grad_()
+    expected = fs.sparse_shift2d(F.relu(zc * 1, inplace=True), sc, stride)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(zf.grad, zc.grad, rtol=0, atol=0)
+    torch.testing.assert_close(sf.grad, sc.grad)
+    assert (zf.grad[z <= 0] == 0).all() and zf.grad.abs().sum() > 0 and sf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_sparse_shift2d_gradcheck_float64(layout, stride):
+    """gradcheck for z (away from the ReLU kink); the shift gradient is by design (Eq. 6) that of the bilinear
+    relaxation applied to relu(z), whose own gradcheck is in test_gradcheck_float64."""
+    z = _relu_input((2, 5, 7, 6), layout, zeros=False).requires_grad_()
+    shifts = _real_shifts(5, r=2.2)
+    assert torch.autograd.gradcheck(lambda a: fs.ops.relu_sparse_shift2d(a, shifts, stride), (z,))
+    s_fused, s_relaxed = shifts.clone().requires_grad_(), shifts.clone().requires_grad_()
+    grad_out = _input((2, 5, (7 - 1) // stride + 1, (6 - 1) // stride + 1), layout, seed=3)
+    fs.ops.relu_sparse_shift2d(z.detach(), s_fused, stride).backward(grad_out)
+    fs.active_shift2d(torch.relu(z.detach()), s_relaxed, stride).backward(grad_out)
+    torch.testing.assert_close(s_fused.grad, s_relaxed.grad)
+
+
 def test_gradcheck_channels_last():
     x = _input((1, 4, 6, 5), torch.channels_last).requires_grad_()
     shifts = _real_shifts(4).requires_grad_()
@@ -291,8 +337,10 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fewshifts.shift2d.default, (x, ints, stride))
         torch.library.opcheck(torch.ops.fewshifts.active_shift2d.default, (x, real, stride))
         torch.library.opcheck(torch.ops.fewshifts.sparse_shift2d.default, (x, real, stride))
+        torch.library.opcheck(torch.ops.fewshifts.relu_sparse_shift2d.default, (x, real, stride))
     x_nhwc = x.detach().contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.fewshifts.shift2d.default, (x_nhwc, ints, 1))
+    torch.library.opcheck(torch.ops.fewshifts.relu_sparse_shift2d.default, (x_nhwc.requires_grad_(), real, 1))
     torch.library.opcheck(torch.ops.fewshifts.shift2d_.default, (x.detach().clone(), ints))
 
 

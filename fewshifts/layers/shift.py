@@ -112,7 +112,9 @@ class SparseShift2d(_LearnedShift2d):
     """Sparse Shift Layer (SSL Eq. 5-7): learned shifts, rounded to integers in the forward pass.
 
     Trained with the shift penalty :meth:`penalty` (Eq. 4), most channels end at (0, 0) and cost nothing
-    at inference.
+    at inference. In training, the blocks that put it after a conv - BN - ReLU (ShiftResNet's CSC block, FE-Net's
+    IB-SSL units) run that ReLU inside the shift (:func:`~fewshifts.ops.relu_sparse_shift2d`, via
+    :func:`fewshifts.models.common.expand_spatial`): same values and gradients, fewer passes over memory.
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshifts.layers import ActiveShift2d, GroupedShift2d, SparseShift2d
+from fewshifts.ops import relu_sparse_shift2d
 
 SPATIAL_KINDS = ("grouped", "active", "sparse", "none", "dw")
 
@@ -55,6 +56,32 @@ class ConvBN(nn.Sequential):
         if act_layer is not None:
             layers.append(act_layer(inplace=True))
         super().__init__(*layers)
+
+
+def expand_spatial(expand: nn.Module, spatial: nn.Module, x: Tensor) -> Tensor:
+    """``spatial(expand(x))``: a block's expanding conv - BN - ReLU (:class:`ConvBN`) and its spatial operator.
+
+    In training, when ``spatial`` is a :class:`~fewshifts.layers.SparseShift2d`, the ReLU runs inside the
+    shift: :func:`~fewshifts.ops.relu_sparse_shift2d` (SSL Eq. 5-7 on ``relu(z)``, one memory pass each way)
+    replaces the in-place ReLU plus the shift, which on the expanded tensors is most of what SSL costs over
+    a block without a spatial operator. Values, gradients and BN statistics are those of the composition, and
+    the modules are untouched (state_dict keys, checkpoints, deploy, export: the ReLU is still
+    ``expand[2]``). Eval mode, or forward / backward hooks on ``expand``, its ReLU or ``spatial``, give the
+    plain composition.
+    """
+    if spatial.training and _relu_shift_fusable(expand, spatial):
+        conv, norm, _ = expand
+        return relu_sparse_shift2d(norm(conv(x)), spatial.shifts, spatial.stride)
+    return spatial(expand(x))
+
+
+def _relu_shift_fusable(expand: nn.Module, spatial: nn.Module) -> bool:
+    return (type(spatial) is SparseShift2d and isinstance(expand, ConvBN) and len(expand) == 3
+            and type(expand[2]) is nn.ReLU and not any(_hooked(m) for m in (expand, expand[2], spatial)))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
@@ -116,7 +143,7 @@ class InvertedResidual(nn.Module):
         self.has_residual = cin == cout and stride == 1
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.se_out(self.project(self.se(self.spatial(self.expand(x)))))
+        y = self.se_out(self.project(self.se(expand_spatial(self.expand, self.spatial, x))))
         return x + y if self.has_residual else y
 
 

@@ -16,6 +16,7 @@ from fewshifts.models.common import (
     cfg,
     check_choice,
     check_positive,
+    expand_spatial,
     make_spatial,
     shortcut,
 )
@@ -53,7 +54,7 @@ class CSCBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.project(self.shift(self.expand(x))) + self.shortcut(x))
+        return self.act(self.project(expand_spatial(self.expand, self.shift, x)) + self.shortcut(x))
 
 
 class CifarResNet(Classifier):

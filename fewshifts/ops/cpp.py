@@ -2,7 +2,8 @@
 
 The compiled module exposes the same kernel functions as :mod:`fewshifts.ops.reference` (``shift_forward``,
 ``shift_backward``, ``shift_inplace``, ``bilinear_forward``, ``bilinear_backward_input``,
-``bilinear_backward_shifts`` and the fused ``bilinear_backward``, ``sparse_backward``), with the same arguments
+``bilinear_backward_shifts`` and the fused ``bilinear_backward``, ``sparse_backward``, ``relu_shift_forward``,
+``relu_sparse_backward``), with the same arguments
 and results. If it cannot be built (no compiler, no headers), :func:`load` warns once, in one
 line, and returns ``None`` so that callers fall back to the reference kernels.
 """

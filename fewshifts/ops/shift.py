@@ -23,7 +23,7 @@ from torch import Tensor
 from fewshifts.ops import reference
 from fewshifts.ops.backend import kernels_for
 
-__all__ = ["shift2d", "active_shift2d", "sparse_shift2d", "round_shifts"]
+__all__ = ["shift2d", "active_shift2d", "sparse_shift2d", "relu_sparse_shift2d", "round_shifts"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,24 +234,47 @@ def active_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
 # sparse_shift2d: quantization-aware shift (SSL)
 
 
-@torch.library.custom_op("fewshifts::sparse_shift2d", mutates_args=())
-def _sparse_shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
-    _check_finite(shifts, "sparse_shift2d")
+def _sparse_forward(kernel: str, x: Tensor, shifts: Tensor, stride: int, name: str) -> Tensor:
+    """SSL Eq. 5 by the kernel ``kernel`` (``shift_forward``, or ``relu_shift_forward`` for the fused ReLU)."""
+    _check_finite(shifts, name)
     s = _clamp_to_image(round_shifts(shifts), x.shape[2], x.shape[3], stride)
-    return kernels_for(x).shift_forward(x, s.cpu(), stride)
+    return getattr(kernels_for(x), kernel)(x, s.cpu(), stride)
 
 
-@torch.library.custom_op("fewshifts::sparse_shift2d_backward", mutates_args=())
-def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+def _sparse_backward(kernel: str, grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    """SSL Eq. 6-7 by the kernel ``kernel`` (``sparse_backward``, or ``relu_sparse_backward``)."""
     kernels = kernels_for(x)
     grad = grad.contiguous(memory_format=_format_of(x))
     rounded = _clamp_to_image(round_shifts(shifts), x.shape[2], x.shape[3], stride).cpu()
     real = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride).detach().cpu()
-    grad_x, grad_shifts = kernels.sparse_backward(grad, x, rounded, real, stride)
+    grad_x, grad_shifts = getattr(kernels, kernel)(grad, x, rounded, real, stride)
     return grad_x, grad_shifts.to(shifts.device)
 
 
+@torch.library.custom_op("fewshifts::sparse_shift2d", mutates_args=())
+def _sparse_shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
+    return _sparse_forward("shift_forward", x, shifts, stride, "sparse_shift2d")
+
+
+@torch.library.custom_op("fewshifts::sparse_shift2d_backward", mutates_args=())
+def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    return _sparse_backward("sparse_backward", grad, x, shifts, stride)
+
+
 _register_real_shift_op(_sparse_shift2d, _sparse_shift2d_backward)
+
+
+@torch.library.custom_op("fewshifts::relu_sparse_shift2d", mutates_args=())
+def _relu_sparse_shift2d(z: Tensor, shifts: Tensor, stride: int) -> Tensor:
+    return _sparse_forward("relu_shift_forward", z, shifts, stride, "relu_sparse_shift2d")
+
+
+@torch.library.custom_op("fewshifts::relu_sparse_shift2d_backward", mutates_args=())
+def _relu_sparse_shift2d_backward(grad: Tensor, z: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    return _sparse_backward("relu_sparse_backward", grad, z, shifts, stride)
+
+
+_register_real_shift_op(_relu_sparse_shift2d, _relu_sparse_shift2d_backward)  # saves z, not relu(z)
 
 
 def sparse_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
@@ -264,3 +287,19 @@ def sparse_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
     _check_input(x, shifts, stride, "sparse_shift2d")
     _check_real_shifts(shifts, "sparse_shift2d")
     return torch.ops.fewshifts.sparse_shift2d(x, shifts, stride)
+
+
+def relu_sparse_shift2d(z: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
+    """``sparse_shift2d(relu(z), shifts, stride)`` as one operator (SSL Eq. 5-7 on ``x = relu(z)``).
+
+    Same values and gradients as the composition; what changes is memory traffic. Forward (Eq. 5): the
+    rounded shift of ``relu(z)`` in one pass over ``z``, the cost of an in-place ReLU, so a block's
+    conv - BN - ReLU - SSL pays no extra pass for its shift. Backward, in one pass over the upstream gradient
+    and ``z`` (the tensor saved, instead of ``relu(z)``): the gradient for ``z`` is ``1[z > 0]`` times the
+    inverse integer shift (Eq. 7), and the gradient for ``shifts`` is the bilinear derivative at the real-valued
+    shift (Eq. 6) of ``relu(z)``, evaluated on the fly. The C++ kernels fuse NCHW tensors; channels_last
+    tensors (and the reference path: other devices, ``FEWSHIFTS_BACKEND=reference``) run the composition.
+    """
+    _check_input(z, shifts, stride, "relu_sparse_shift2d")
+    _check_real_shifts(shifts, "relu_sparse_shift2d")
+    return torch.ops.fewshifts.relu_sparse_shift2d(z, shifts, stride)

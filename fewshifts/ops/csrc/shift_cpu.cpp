@@ -1589,6 +1589,230 @@ std::tuple<Tensor, Tensor> sparse_backward(const Tensor& g, const Tensor& x, con
   return backward({g, x, shifts, rounded, true, stride, x.size(2), x.size(3)});
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// ReLU fused into the quantization-aware shift: y = shift(relu(z)) by the rounded shifts (SSL Eq. 5 applied to
+// x = relu(z)), so a block's conv - BN - ReLU - SSL costs the memory passes of conv - BN - in-place ReLU. Backward,
+// per NCHW plane in one pass over g and z: g_z = 1[z > 0] * inverse_shift(g) (Eq. 7, then the ReLU's gradient), and
+// the Eq. 6 shift gradient from x = relu(z) written to a plane-sized scratch (cache resident) on the way. z, not
+// relu(z), is what autograd saves. channels_last takes the composition (relu, then the kernels above).
+
+template <typename T>
+inline bool relu_off(T v) {  // relu(v) == 0 and its gradient is 0 (as torch's threshold_backward: v <= 0; NaN passes)
+  return v <= T(0);
+}
+
+// Seg::source without its divisions for the segments with ostep 1 (every forward one, the stride-1 adjoint).
+inline int64_t seg_source(const Seg& s, int64_t o) {
+  if (s.ostep != 1) return s.source(o);
+  const int64_t t = o - s.o0;
+  return t >= 0 && t < s.count ? s.s0 + t * s.sstep : -1;
+}
+
+// One row of a ReLU fused into an integer movement (rows are short: plain loops, no library calls).
+// Forward (z == nullptr): dst = relu of the row movement of src (forward segments: ostep 1).
+// Backward (z != nullptr): dst = the adjoint row movement of src, zero where z <= 0 (the ReLU's gradient).
+template <typename T>
+void relu_move_row(T* __restrict__ dst, int64_t n_dst, const T* __restrict__ src, const Seg& s,
+                   const T* __restrict__ z) {
+  if (src == nullptr || s.count == 0) {
+    for (int64_t k = 0; k < n_dst; ++k) dst[k] = T(0);
+    return;
+  }
+  if (s.ostep != 1 || (z != nullptr && s.sstep != 1)) {  // the stride-2 adjoint: move, then rectify / mask
+    move_row(dst, n_dst, src, s);
+    const T* m = z != nullptr ? z : dst;
+    for (int64_t k = 0; k < n_dst; ++k) dst[k] = relu_off(m[k]) ? T(0) : dst[k];
+    return;
+  }
+  for (int64_t k = 0; k < s.o0; ++k) dst[k] = T(0);
+  T* __restrict__ d = dst + s.o0;
+  const T* __restrict__ p = src + s.s0;
+  if (z != nullptr) {
+    const T* __restrict__ m = z + s.o0;
+#pragma omp simd
+    for (int64_t k = 0; k < s.count; ++k) {
+      const T v = p[k];  // read unconditionally: a blend, not a masked load or a branch
+      d[k] = relu_off(m[k]) ? T(0) : v;
+    }
+  } else if (s.sstep == 1) {
+#pragma omp simd
+    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_off(p[k]) ? T(0) : p[k];
+  } else {
+    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_off(p[k * s.sstep]) ? T(0) : p[k * s.sstep];
+  }
+  for (int64_t k = s.o0 + s.count; k < n_dst; ++k) dst[k] = T(0);
+}
+
+// dst[i][t] = f(i * W + t, src[i + dy][t + dx]) where (i + dy, t + dx) lies inside src (Hs x W), else 0, for a
+// dst of Hd x W: one flat vectorised loop over the rows that read inside src (a column shift makes it read the
+// neighbouring row at the ends of each row, which are zeroed afterwards), so short rows cost no per-row overhead.
+template <typename D, typename T, typename F>
+void shift_plane_flat(D* __restrict__ dst, int64_t Hd, int64_t W, const T* __restrict__ src, int64_t Hs, int64_t dy,
+                      int64_t dx, const F& f) {
+  const int64_t n = Hd * W;
+  const int64_t i0 = std::clamp<int64_t>(-dy, 0, Hd), i1 = std::clamp<int64_t>(Hs - dy, 0, Hd);
+  const int64_t t0 = std::clamp<int64_t>(-dx, 0, W), t1 = std::clamp<int64_t>(W - dx, 0, W);
+  if (i0 >= i1 || t0 >= t1) {
+    for (int64_t k = 0; k < n; ++k) dst[k] = D(0);
+    return;
+  }
+  const int64_t off = dy * W + dx;  // source index of dst index k: k + off
+  const int64_t k0 = std::max(i0 * W, -off), k1 = std::min(i1 * W, Hs * W - off);
+  for (int64_t k = 0; k < k0; ++k) dst[k] = D(0);
+#pragma omp simd
+  for (int64_t k = k0; k < k1; ++k) dst[k] = f(k, src[k + off]);
+  for (int64_t k = k1; k < n; ++k) dst[k] = D(0);
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t t = 0; t < t0; ++t) dst[i * W + t] = D(0);
+    for (int64_t t = t1; t < W; ++t) dst[i * W + t] = D(0);
+  }
+}
+
+// Adds one stride-1 plane's shift gradient (SSL Eq. 6 at x = relu(z)) to sy, sx. The zero-padded relu(z) from row fy,
+// column fx is laid out with g's pitch W (H + 1 rows), so output pixel t has corners x[t], x[t + 1], x[t + W],
+// x[t + W + 1] and the four sums S1..S4 = sum g * corner are one vectorised loop over the plane; in the last column
+// x[t + 1] and x[t + W + 1] are the next row's first column instead of column fx + W, corrected per row afterwards.
+// Then d/d dy = (1-b)(S3 - S1) + b(S4 - S2), d/d dx = (1-a)(S2 - S1) + a(S4 - S3). The correction can make an
+// infinite x give NaN where the reference adds nothing: the caller recomputes a non-finite result with
+// shift_grad_plane.
+template <typename T, typename A>
+void relu_shift_grad_plane(const T* __restrict__ g, const T* __restrict__ z, int64_t H, int64_t W,
+                           const Bilinear<A>& q, int64_t c, std::vector<A>& buf, double& sy, double& sx) {
+  const int64_t fy = q.fy[c], fx = q.fx[c];
+  buf.resize((H + 1) * W + 1);
+  A* __restrict__ xp = buf.data();
+  shift_plane_flat(xp, H + 1, W, z, H, fy, fx, [](int64_t, T v) { return relu_off(v) ? A(0) : static_cast<A>(v); });
+  xp[(H + 1) * W] = A(0);
+  A s1(0), s2(0), s3(0), s4(0);
+#pragma omp simd reduction(+ : s1, s2, s3, s4)
+  for (int64_t t = 0; t < H * W; ++t) {
+    const A gv = static_cast<A>(g[t]);
+    s1 += gv * xp[t];
+    s2 += gv * xp[t + 1];
+    s3 += gv * xp[t + W];
+    s4 += gv * xp[t + W + 1];
+  }
+  auto x_at = [&](int64_t r, int64_t col) {  // relu(z) at image (r, col), zero outside
+    if (r < 0 || r >= H || col < 0 || col >= W) return A(0);
+    const T v = z[r * W + col];
+    return relu_off(v) ? A(0) : static_cast<A>(v);
+  };
+  for (int64_t i = 0; i < H; ++i) {
+    const A gv = static_cast<A>(g[i * W + W - 1]);
+    s2 += gv * (x_at(fy + i, fx + W) - xp[(i + 1) * W]);
+    s4 += gv * (x_at(fy + i + 1, fx + W) - xp[(i + 2) * W]);
+  }
+  const double a = static_cast<double>(q.a[c]), b = static_cast<double>(q.b[c]);
+  const double d1 = s1, d2 = s2, d3 = s3, d4 = s4;
+  sy += (1 - b) * (d3 - d1) + b * (d4 - d2);
+  sx += (1 - a) * (d2 - d1) + a * (d4 - d3);
+}
+
+Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stride) {
+  check_args(z_in, shifts, stride, "relu_shift_forward");
+  if (is_channels_last(z_in)) return shift_forward(at::relu(z_in), shifts, stride);
+  const Tensor z = z_in.contiguous();
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
+  Tensor out = new_output(z, Ho, Wo, false);
+  if (out.numel() == 0) return out;
+  Tensor holder;
+  const int64_t* s = int_shifts(shifts, holder);
+  Move m{N, C, H, W, Ho, Wo, {}, {}};
+  for (int64_t c = 0; c < C; ++c) {
+    m.rows.push_back(forward_seg(s[2 * c], H, Ho, stride));
+    m.cols.push_back(forward_seg(s[2 * c + 1], W, Wo, stride));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "relu_shift_forward", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C;
+        if (stride == 1) {
+          shift_plane_flat(op + p * H * W, H, W, zp + p * H * W, H, s[2 * c], s[2 * c + 1],
+                           [](int64_t, scalar_t v) { return relu_off(v) ? scalar_t(0) : v; });
+          continue;
+        }
+        for (int64_t i = 0; i < Ho; ++i) {
+          const int64_t r = seg_source(m.rows[c], i);
+          relu_move_row(op + (p * Ho + i) * Wo, Wo, r >= 0 ? zp + p * H * W + r * W : nullptr, m.cols[c],
+                        static_cast<const scalar_t*>(nullptr));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor& z_in, const Tensor& rounded,
+                                                const Tensor& shifts, int64_t stride) {
+  check_args(z_in, shifts, stride, "relu_sparse_backward");
+  if (is_channels_last(z_in)) {
+    auto [gx, gs] = sparse_backward(g_in, at::relu(z_in), rounded, shifts, stride);
+    return {at::threshold_backward(gx, z_in, 0), gs};
+  }
+  const Tensor z = z_in.contiguous(), g = g_in.contiguous();
+  const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), Ho = g.size(2), Wo = g.size(3);
+  Tensor gx = new_output(z, H, W, false);
+  Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
+  Tensor gs;
+  Tensor holder;
+  const int64_t* s = int_shifts(rounded, holder);
+  Move m{N, C, Ho, Wo, H, W, {}, {}};
+  for (int64_t c = 0; c < C; ++c) {
+    m.rows.push_back(adjoint_seg(s[2 * c], H, Ho, stride));
+    m.cols.push_back(adjoint_seg(s[2 * c + 1], W, Wo, stride));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "relu_sparse_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    if (N * C * H * W == 0) return;
+    const Bilinear<A> q(shifts.to(c10::CppTypeToScalarType<A>::value));  // as the reference (see backward)
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    std::vector<double> plane_acc(N * C * 2, 0.0);
+    with_stride(stride, [&](auto st) {
+      constexpr int S = decltype(st)::value;
+      parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
+        RowCache<scalar_t, A> pad;
+        std::vector<A> col, buf;
+        std::vector<scalar_t> x;  // relu(z) of the plane, for shift_grad_plane
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % C;
+          const scalar_t* zpl = zp + p * H * W;
+          const scalar_t* gpl = gp + p * Ho * Wo;
+          double& sy = plane_acc[2 * p];
+          double& sx = plane_acc[2 * p + 1];
+          if constexpr (S == 1) {  // input gradient: inverse shift and the ReLU's mask, then the shift gradient
+            shift_plane_flat(gxp + p * H * W, H, W, gpl, H, -s[2 * c], -s[2 * c + 1], [&](int64_t k, scalar_t v) {
+              return relu_off(zpl[k]) ? scalar_t(0) : v;
+            });
+            relu_shift_grad_plane(gpl, zpl, H, W, q, c, buf, sy, sx);
+            if (std::isfinite(sy) && std::isfinite(sx)) continue;
+            sy = sx = 0;
+          }
+          if constexpr (S != 1) {
+            for (int64_t y = 0; y < H; ++y) {  // input gradient: inverse shift and the ReLU's mask
+              const int64_t r = seg_source(m.rows[c], y);
+              relu_move_row(gxp + (p * H + y) * W, W, r >= 0 ? gpl + r * Wo : nullptr, m.cols[c], zpl + y * W);
+            }
+          }
+          x.resize(H * W);
+          for (int64_t k = 0; k < H * W; ++k) x[k] = relu_off(zpl[k]) ? scalar_t(0) : zpl[k];
+          shift_grad_plane<S>(gpl, x.data(), H, W, Ho, Wo, q, c, pad, col, sy, sx);
+        }
+      });
+    });
+    double* acc = gs_acc.data_ptr<double>();
+    for (int64_t n = 0; n < N; ++n)  // per-plane sums added in order over n (deterministic)
+      for (int64_t k = 0; k < 2 * C; ++k) acc[k] += plane_acc[n * 2 * C + k];
+    gs = finish_shift_grad<A>(gs_acc, shifts);
+  });
+  if (!gs.defined()) gs = at::zeros({C, 2}, shifts.options().device(at::kCPU));
+  return {gx, gs};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1603,4 +1827,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_backward", &sparse_backward,
         "Fused gradients of the quantization-aware shift: integer adjoint for x (SSL Eq. 7), bilinear for shifts "
         "(SSL Eq. 6)");
+  m.def("relu_shift_forward", &relu_shift_forward, "Integer shift of relu(z), one pass (SSL Eq. 5 after a ReLU)");
+  m.def("relu_sparse_backward", &relu_sparse_backward,
+        "Fused gradients of shift(relu(z)): 1[z > 0] times the integer adjoint for z (SSL Eq. 7), bilinear for the "
+        "shifts at relu(z) (SSL Eq. 6)");
 }
