@@ -193,6 +193,18 @@ struct Move {  // per channel row/column segments between a source (Hs, Ws) and 
   std::vector<Seg> rows, cols;
 };
 
+// The integer shifts s (C x 2, (dy, dx) per channel) between an (H, W) input and its strided (Ho, Wo) output:
+// forward (input -> output) or adjoint (output gradient -> input gradient, the inverse shift).
+Move integer_move(const int64_t* s, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                  int64_t stride, bool adjoint) {
+  Move m = adjoint ? Move{N, C, Ho, Wo, H, W, {}, {}} : Move{N, C, H, W, Ho, Wo, {}, {}};
+  for (int64_t c = 0; c < C; ++c) {
+    m.rows.push_back(adjoint ? adjoint_seg(s[2 * c], H, Ho, stride) : forward_seg(s[2 * c], H, Ho, stride));
+    m.cols.push_back(adjoint ? adjoint_seg(s[2 * c + 1], W, Wo, stride) : forward_seg(s[2 * c + 1], W, Wo, stride));
+  }
+  return m;
+}
+
 // One NCHW plane. Stride 1 (forward or adjoint: the source and destination planes have one size): the valid rows
 // are one contiguous span of the source (whole rows when dx = 0), copied with one memcpy; with dx != 0 each row's
 // |dx| columns that received a neighbouring row's pixels are zeroed afterwards (the span is still in cache). Short
@@ -553,11 +565,7 @@ Tensor shift_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride) {
   Tensor out = new_output(x, Ho, Wo, cl);
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
-  Move m{x.size(0), x.size(1), H, W, Ho, Wo, {}, {}};
-  for (int64_t c = 0; c < m.C; ++c) {
-    m.rows.push_back(forward_seg(s[2 * c], H, Ho, stride));
-    m.cols.push_back(forward_seg(s[2 * c + 1], W, Wo, stride));
-  }
+  const Move m = integer_move(s, x.size(0), x.size(1), H, W, Ho, Wo, stride, false);
   run_move(x, out, m, cl);
   return out;
 }
@@ -570,11 +578,7 @@ Tensor shift_backward(const Tensor& g_in, const Tensor& shifts, int64_t stride, 
   Tensor grad_x = new_output(g, height, width, cl);
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
-  Move m{g.size(0), g.size(1), Ho, Wo, height, width, {}, {}};
-  for (int64_t c = 0; c < m.C; ++c) {
-    m.rows.push_back(adjoint_seg(s[2 * c], height, Ho, stride));
-    m.cols.push_back(adjoint_seg(s[2 * c + 1], width, Wo, stride));
-  }
+  const Move m = integer_move(s, g.size(0), g.size(1), height, width, Ho, Wo, stride, true);
   run_move(g, grad_x, m, cl);
   return grad_x;
 }
@@ -1517,13 +1521,8 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
     if (N * C * H * W == 0) return;
     Move m{N, C, Ho, Wo, H, W, {}, {}};
     Tensor holder;
-    if (want_gx && args.integer_adjoint) {
-      const int64_t* s = int_shifts(args.input_shifts, holder);
-      for (int64_t c = 0; c < C; ++c) {
-        m.rows.push_back(adjoint_seg(s[2 * c], H, Ho, args.stride));
-        m.cols.push_back(adjoint_seg(s[2 * c + 1], W, Wo, args.stride));
-      }
-    }
+    if (want_gx && args.integer_adjoint)
+      m = integer_move(int_shifts(args.input_shifts, holder), N, C, H, W, Ho, Wo, args.stride, true);
     with_stride(args.stride, [&](auto s) {
       constexpr int S = decltype(s)::value;
       if (cl) {
@@ -1718,11 +1717,7 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
   if (out.numel() == 0) return out;
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
-  Move m{N, C, H, W, Ho, Wo, {}, {}};
-  for (int64_t c = 0; c < C; ++c) {
-    m.rows.push_back(forward_seg(s[2 * c], H, Ho, stride));
-    m.cols.push_back(forward_seg(s[2 * c + 1], W, Wo, stride));
-  }
+  const Move m = integer_move(s, N, C, H, W, Ho, Wo, stride, false);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "relu_shift_forward", [&] {
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -1759,11 +1754,7 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
   Tensor gs;
   Tensor holder;
   const int64_t* s = int_shifts(rounded, holder);
-  Move m{N, C, Ho, Wo, H, W, {}, {}};
-  for (int64_t c = 0; c < C; ++c) {
-    m.rows.push_back(adjoint_seg(s[2 * c], H, Ho, stride));
-    m.cols.push_back(adjoint_seg(s[2 * c + 1], W, Wo, stride));
-  }
+  const Move m = integer_move(s, N, C, H, W, Ho, Wo, stride, true);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "relu_sparse_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     if (N * C * H * W == 0) return;
