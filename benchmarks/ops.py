@@ -90,11 +90,10 @@ def _measure(fns: dict, warmup: int, repeats: int) -> dict:
 
 
 def _machine() -> list[str]:
-    from fewshifts.deploy.bench import cpu_name
+    from fewshifts.deploy.bench import allocator, cpu_name
 
     model = cpu_name()
-    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    alloc = "tcmalloc (LD_PRELOAD)" if "tcmalloc" in maps else "glibc malloc (no tcmalloc preloaded)"
+    alloc = allocator()
     return [
         f"- Machine: {model}, {os.cpu_count()} logical CPUs visible, shared with other jobs while measuring "
         "(expect noise; ratios within one shape and layout are the meaningful numbers)",

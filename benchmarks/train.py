@@ -26,24 +26,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewshifts.cli import _TCMALLOC  # noqa: E402
+from fewshifts.cli import reexec_with_tcmalloc  # noqa: E402
 from fewshifts.data import build_loader  # noqa: E402
+from fewshifts.deploy.bench import allocator, cpu_name  # noqa: E402
 from fewshifts.layers import param_groups, shift_penalty  # noqa: E402
 from fewshifts.models import create_model  # noqa: E402
 from fewshifts.ops.backend import name_for, requested  # noqa: E402
 
 VARIANTS = ("sparse", "dw", "none")
 PRECISIONS = ("fp32", "bf16")
-
-
-def ensure_tcmalloc() -> None:
-    """Re-run under tcmalloc like ``fewshifts`` does (design.md section 4), unless FEWSHIFTS_TCMALLOC=0."""
-    if os.environ.get("FEWSHIFTS_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    lib = next((p for p in _TCMALLOC if Path(p).exists()), None)
-    if lib:
-        env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")])))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 class Runner:
@@ -78,8 +69,6 @@ class Runner:
 
 
 def machine() -> str:
-    from fewshifts.deploy.bench import cpu_name
-
     cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}; {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} "
@@ -97,7 +86,7 @@ def main() -> int:
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "train.md"))
     args = parser.parse_args()
-    ensure_tcmalloc()
+    reexec_with_tcmalloc([sys.executable, *sys.argv])
     if args.threads:
         torch.set_num_threads(args.threads)
     loader = build_loader("fashion-mnist", True, args.batch_size, data_dir=args.data_dir, subset=args.batch_size * 20)
@@ -111,12 +100,11 @@ def main() -> int:
                 r.step(record=True)
     rate = {k: args.batch_size / statistics.median(r.times) for k, r in runners.items()}
     backend = f"FEWSHIFTS_BACKEND={requested()} (shift kernels used: {name_for(torch.zeros(1, 1, 1, 1))})"
-    allocator = "tcmalloc (LD_PRELOAD)" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     lines = [
         "# Training throughput: ShiftResNet-20 on Fashion-MNIST, batch 128, one process",
         "",
         f"- Machine: {machine()}",
-        f"- Backend: {backend}; allocator: {allocator}",
+        f"- Backend: {backend}; allocator: {allocator()}",
         f"- Command: `{' '.join(['python', *sys.argv])}`",
         f"- Method: full training steps (augmentation, forward, loss, backward, SGD); {args.warmup} warm-up steps, "
         f"then {args.rounds} round-robin rounds of {args.steps} steps per variant; median step time.",

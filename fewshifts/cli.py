@@ -25,9 +25,10 @@ _TCMALLOC = (
 )
 
 
-def _reexec_with_tcmalloc(argv: list[str]) -> None:
-    """Restart under tcmalloc when it is installed and not loaded (design.md section 4: glibc malloc
-    page-faults every fresh large tensor, costing 1.6-2x in CPU training). FEWSHIFTS_TCMALLOC=0 disables."""
+def reexec_with_tcmalloc(command: list[str]) -> None:
+    """Re-run ``command`` (``[python, ...]``) under tcmalloc when it is installed and not loaded (design.md
+    section 4: glibc malloc page-faults every fresh large tensor, costing 1.6-2x in CPU training); returns
+    without doing anything otherwise. FEWSHIFTS_TCMALLOC=0 disables it (the restarted process gets it too)."""
     if os.environ.get("FEWSHIFTS_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     lib = next((p for p in _TCMALLOC if Path(p).exists()), None)
@@ -35,7 +36,7 @@ def _reexec_with_tcmalloc(argv: list[str]) -> None:
         return
     env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [lib, os.environ.get("LD_PRELOAD", "")])))
     env["FEWSHIFTS_TCMALLOC"] = "0"  # never loop
-    os.execve(sys.executable, [sys.executable, "-m", "fewshifts", *argv], env)
+    os.execve(command[0], command, env)
 
 
 def _usage() -> str:
@@ -65,5 +66,5 @@ def console() -> int:
     """Entry point of the installed ``fewshifts`` script and ``python -m fewshifts``."""
     argv = sys.argv[1:]
     if argv and argv[0] in COMMANDS:
-        _reexec_with_tcmalloc(argv)
+        reexec_with_tcmalloc([sys.executable, "-m", "fewshifts", *argv])
     return main(argv)

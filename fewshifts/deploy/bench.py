@@ -138,10 +138,14 @@ def _onnx_session(model: nn.Module, x: Tensor, threads: int, folder: str):
     return lambda inp: session.run(None, {name: inp.numpy()})
 
 
-def _allocator() -> str:
-    preload = os.environ.get("LD_PRELOAD", "")
-    return "tcmalloc (LD_PRELOAD)" if "tcmalloc" in preload else ("jemalloc (LD_PRELOAD)" if "jemalloc" in preload
-                                                                  else "glibc malloc")
+def allocator() -> str:
+    """The malloc this process runs with: tcmalloc or jemalloc when mapped (preloaded), else glibc's."""
+    maps = Path("/proc/self/maps")
+    loaded = maps.read_text() if maps.exists() else os.environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc"):
+        if name in loaded:
+            return f"{name} (LD_PRELOAD)"
+    return "glibc malloc"
 
 
 def cpu_name() -> str:
@@ -168,7 +172,7 @@ def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...]
         raise ValueError(f"models not registered: {missing} (FE-Net / MobileNetV2 come with the models branch)")
     results = dict(rows=[], breakdown={}, size=size, threads=threads, repeats=repeats,
                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   machine=f"{cpu_name()}, {os.cpu_count()} logical CPUs visible", allocator=_allocator(),
+                   machine=f"{cpu_name()}, {os.cpu_count()} logical CPUs visible", allocator=allocator(),
                    torch=torch.__version__, shift_backend=name_for(torch.zeros(1)))
     try:
         import onnxruntime
