@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="precisions to time (all of them take turns in one round-robin)")
     parser.add_argument("--penalty", type=float, default=5e-4, help="SSL shift penalty lambda")
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "train.md"))
@@ -90,7 +92,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loader = build_loader("fashion-mnist", True, args.batch_size, data_dir=args.data_dir, subset=args.batch_size * 20)
-    runners = {(s, p): Runner(s, p, loader, args.penalty) for p in PRECISIONS for s in VARIANTS}
+    runners = {(s, p): Runner(s, p, loader, args.penalty) for p in args.precisions for s in VARIANTS}
     for r in runners.values():
         for _ in range(args.warmup):
             r.step(record=False)
@@ -113,7 +115,7 @@ def main() -> int:
         "| SSL / none (target >= 0.9) |",
         "|---|---:|---:|---:|---|---|",
     ]
-    for p in PRECISIONS:
+    for p in args.precisions:
         s, d, n = (rate[(v, p)] for v in VARIANTS)
         lines.append(f"| {p} | {s:.1f} | {d:.1f} | {n:.1f} | {s / d:.2f} {'PASS' if s / d >= 1.1 else 'FAIL'} "
                      f"| {s / n:.2f} {'PASS' if s / n >= 0.9 else 'FAIL'} |")
