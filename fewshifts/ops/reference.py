@@ -158,7 +158,6 @@ def sparse_backward(grad_out: Tensor, x: Tensor, rounded: Tensor, shifts: Tensor
     return shift_backward(grad_out, rounded, stride, H, W), bilinear_backward_shifts(grad_out, x, shifts, stride)
 
 
-
 def relu_shift_forward(z: Tensor, shifts: Tensor, stride: int) -> Tensor:
     """Integer shift of ``relu(z)`` (SSL Eq. 5 applied after a ReLU); the C++ path does it in one pass."""
     return shift_forward(torch.relu(z), shifts, stride)
@@ -170,6 +169,7 @@ def relu_sparse_backward(grad_out: Tensor, z: Tensor, rounded: Tensor, shifts: T
     ``x = relu(z)``, then the ReLU's gradient (zero where ``z <= 0``, as autograd's) on the input gradient."""
     grad_x, grad_shifts = sparse_backward(grad_out, torch.relu(z), rounded, shifts, stride)
     return torch.ops.aten.threshold_backward(grad_x, z, 0), grad_shifts
+
 
 def shift_inplace(x: Tensor, shifts: Tensor) -> None:
     """Integer shift (stride 1) of ``x`` in place, touching only channels whose shift is not (0, 0).

@@ -1600,6 +1600,11 @@ inline bool relu_off(T v) {  // relu(v) == 0 and its gradient is 0 (as torch's t
   return v <= T(0);
 }
 
+template <typename A, typename T>
+inline A relu_as(T v) {  // relu(v) as an A (NaN passes, as in torch.relu)
+  return relu_off(v) ? A(0) : static_cast<A>(v);
+}
+
 // Seg::source without its divisions for the segments with ostep 1 (every forward one, the stride-1 adjoint).
 inline int64_t seg_source(const Seg& s, int64_t o) {
   if (s.ostep != 1) return s.source(o);
@@ -1635,9 +1640,9 @@ void relu_move_row(T* __restrict__ dst, int64_t n_dst, const T* __restrict__ src
     }
   } else if (s.sstep == 1) {
 #pragma omp simd
-    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_off(p[k]) ? T(0) : p[k];
+    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_as<T>(p[k]);
   } else {
-    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_off(p[k * s.sstep]) ? T(0) : p[k * s.sstep];
+    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_as<T>(p[k * s.sstep]);
   }
   for (int64_t k = s.o0 + s.count; k < n_dst; ++k) dst[k] = T(0);
 }
@@ -1680,7 +1685,7 @@ void relu_shift_grad_plane(const T* __restrict__ g, const T* __restrict__ z, int
   const int64_t fy = q.fy[c], fx = q.fx[c];
   buf.resize((H + 1) * W + 1);
   A* __restrict__ xp = buf.data();
-  shift_plane_flat(xp, H + 1, W, z, H, fy, fx, [](int64_t, T v) { return relu_off(v) ? A(0) : static_cast<A>(v); });
+  shift_plane_flat(xp, H + 1, W, z, H, fy, fx, [](int64_t, T v) { return relu_as<A>(v); });
   xp[(H + 1) * W] = A(0);
   A s1(0), s2(0), s3(0), s4(0);
 #pragma omp simd reduction(+ : s1, s2, s3, s4)
@@ -1693,8 +1698,7 @@ void relu_shift_grad_plane(const T* __restrict__ g, const T* __restrict__ z, int
   }
   auto x_at = [&](int64_t r, int64_t col) {  // relu(z) at image (r, col), zero outside
     if (r < 0 || r >= H || col < 0 || col >= W) return A(0);
-    const T v = z[r * W + col];
-    return relu_off(v) ? A(0) : static_cast<A>(v);
+    return relu_as<A>(z[r * W + col]);
   };
   for (int64_t i = 0; i < H; ++i) {
     const A gv = static_cast<A>(g[i * W + W - 1]);
@@ -1726,7 +1730,7 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
         const int64_t c = p % C;
         if (stride == 1) {
           shift_plane_flat(op + p * H * W, H, W, zp + p * H * W, H, s[2 * c], s[2 * c + 1],
-                           [](int64_t, scalar_t v) { return relu_off(v) ? scalar_t(0) : v; });
+                           [](int64_t, scalar_t v) { return relu_as<scalar_t>(v); });
           continue;
         }
         for (int64_t i = 0; i < Ho; ++i) {
@@ -1790,7 +1794,7 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
             }
           }
           x.resize(H * W);
-          for (int64_t k = 0; k < H * W; ++k) x[k] = relu_off(zpl[k]) ? scalar_t(0) : zpl[k];
+          for (int64_t k = 0; k < H * W; ++k) x[k] = relu_as<scalar_t>(zpl[k]);
           shift_grad_plane<S>(gpl, x.data(), H, W, Ho, Wo, q, c, pad, col, sy, sx);
         }
       });
