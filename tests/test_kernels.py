@@ -257,18 +257,26 @@ def test_relu_sparse_kernels_match_reference(kernels, case):
     torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_relu_sparse_non_finite_like_composition(kernels, layout):
-    """inf / nan in z: the fused kernels give what the C++ composition (relu, sparse kernels, ReLU gradient) gives."""
+@pytest.mark.parametrize(("layout", "hw", "dtype"), [("nchw", (9, 8), torch.float32), ("nchw", (7, 7), torch.float32),
+                                                   ("nchw", (5, 3), torch.float64),
+                                                   ("channels_last", (9, 8), torch.float32)])
+def test_relu_sparse_non_finite_like_composition(kernels, layout, hw, dtype):
+    """inf / nan in z and in the gradient: the fused kernels give what the C++ composition (relu, sparse kernels,
+    ReLU gradient) gives. The NCHW kernels read whole vectors across plane ends (masked): values in the neighbouring
+    planes, at their first and last pixels, must not leak into a channel's results."""
+    H, W = hw
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(2, 6, 9, 8, generator=g)
-    z[0, 1, 4, 4], z[1, 2, 0, 7], z[0, 3, 8, 0], z[1, 4, 5, 2] = float("inf"), float("nan"), float("-inf"), float("inf")
+    z = torch.randn(2, 6, H, W, generator=g, dtype=dtype)
+    z[0, 1, H // 2, W // 2], z[1, 2, 0, W - 1], z[0, 3, H - 1, 0], z[1, 4, H - 1, W - 1] = (
+        float("inf"), float("nan"), float("-inf"), float("inf"))
     z = _layout(z, layout)
-    grad = _layout(torch.randn(2, 6, 9, 8, generator=g), layout)
-    real = torch.rand(6, 2, generator=g) * 3 - 1.5
+    grad = torch.randn(2, 6, H, W, generator=g, dtype=dtype)
+    grad[0, 2, 0, 0], grad[1, 3, H - 1, W - 1] = float("inf"), float("nan")
+    grad = _layout(grad, layout)
+    real = torch.rand(6, 2, generator=g, dtype=dtype) * 3 - 1.5
     rounded = torch.round(real).long()
-    assert torch.equal(kernels.relu_shift_forward(z, rounded, 1).isnan(),
-                       kernels.shift_forward(torch.relu(z), rounded, 1).isnan())
+    torch.testing.assert_close(kernels.relu_shift_forward(z, rounded, 1),
+                               kernels.shift_forward(torch.relu(z), rounded, 1), rtol=0, atol=0, equal_nan=True)
     gz, gs = kernels.relu_sparse_backward(grad, z, rounded, real, 1)
     ref_gx, ref_gs = kernels.sparse_backward(grad, torch.relu(z), rounded, real, 1)
     torch.testing.assert_close(gz, torch.ops.aten.threshold_backward(ref_gx, z, 0), equal_nan=True)

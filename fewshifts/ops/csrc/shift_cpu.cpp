@@ -1605,108 +1605,152 @@ inline A relu_as(T v) {  // relu(v) as an A (NaN passes, as in torch.relu)
   return relu_off(v) ? A(0) : static_cast<A>(v);
 }
 
-// Seg::source without its divisions for the segments with ostep 1 (every forward one, the stride-1 adjoint).
-inline int64_t seg_source(const Seg& s, int64_t o) {
-  if (s.ostep != 1) return s.source(o);
-  const int64_t t = o - s.o0;
-  return t >= 0 && t < s.count ? s.s0 + t * s.sstep : -1;
-}
-
-// One row of a ReLU fused into an integer movement (rows are short: plain loops, no library calls).
-// Forward (z == nullptr): dst = relu of the row movement of src (forward segments: ostep 1).
-// Backward (z != nullptr): dst = the adjoint row movement of src, zero where z <= 0 (the ReLU's gradient).
+// One row of a ReLU fused into a stride-2 integer movement: dst = the row movement of src (move_row), then rectified
+// (forward, z == nullptr) or zeroed where z <= 0 (backward, z the ReLU's input: its gradient).
 template <typename T>
-void relu_move_row(T* __restrict__ dst, int64_t n_dst, const T* __restrict__ src, const Seg& s,
-                   const T* __restrict__ z) {
-  if (src == nullptr || s.count == 0) {
-    for (int64_t k = 0; k < n_dst; ++k) dst[k] = T(0);
-    return;
-  }
-  if (s.ostep != 1 || (z != nullptr && s.sstep != 1)) {  // the stride-2 adjoint: move, then rectify / mask
-    move_row(dst, n_dst, src, s);
-    const T* m = z != nullptr ? z : dst;
-    for (int64_t k = 0; k < n_dst; ++k) dst[k] = relu_off(m[k]) ? T(0) : dst[k];
-    return;
-  }
-  for (int64_t k = 0; k < s.o0; ++k) dst[k] = T(0);
-  T* __restrict__ d = dst + s.o0;
-  const T* __restrict__ p = src + s.s0;
-  if (z != nullptr) {
-    const T* __restrict__ m = z + s.o0;
-#pragma omp simd
-    for (int64_t k = 0; k < s.count; ++k) {
-      const T v = p[k];  // read unconditionally: a blend, not a masked load or a branch
-      d[k] = relu_off(m[k]) ? T(0) : v;
-    }
-  } else if (s.sstep == 1) {
-#pragma omp simd
-    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_as<T>(p[k]);
-  } else {
-    for (int64_t k = 0; k < s.count; ++k) d[k] = relu_as<T>(p[k * s.sstep]);
-  }
-  for (int64_t k = s.o0 + s.count; k < n_dst; ++k) dst[k] = T(0);
+void relu_move_row(T* dst, int64_t n_dst, const T* src, const Seg& s, const T* z) {
+  move_row(dst, n_dst, src, s);
+  const T* m = z != nullptr ? z : dst;
+  for (int64_t k = 0; k < n_dst; ++k) dst[k] = relu_off(m[k]) ? T(0) : dst[k];
 }
 
-// dst[i][t] = f(i * W + t, src[i + dy][t + dx]) where (i + dy, t + dx) lies inside src (Hs x W), else 0, for a
-// dst of Hd x W: one flat vectorised loop over the rows that read inside src (a column shift makes it read the
-// neighbouring row at the ends of each row, which are zeroed afterwards), so short rows cost no per-row overhead.
-template <typename D, typename T, typename F>
-void shift_plane_flat(D* __restrict__ dst, int64_t Hd, int64_t W, const T* __restrict__ src, int64_t Hs, int64_t dy,
-                      int64_t dx, const F& f) {
-  const int64_t n = Hd * W;
-  const int64_t i0 = std::clamp<int64_t>(-dy, 0, Hd), i1 = std::clamp<int64_t>(Hs - dy, 0, Hd);
-  const int64_t t0 = std::clamp<int64_t>(-dx, 0, W), t1 = std::clamp<int64_t>(W - dx, 0, W);
-  if (i0 >= i1 || t0 >= t1) {
-    for (int64_t k = 0; k < n; ++k) dst[k] = D(0);
-    return;
+// Stride-1 NCHW planes as flat arrays (the fused kernels' fast path): destination pixel t = i*W + j of a channel
+// shifted by (dy, dx) reads element t + dy*W + dx of its source plane, kept where (i + dy, j + dx) lies inside the
+// image (mask 1), else 0. A plane then costs one vectorised loop with no per-row work (ShiftResNet's planes are 7x7
+// to 28x28, where per-row loops and edge corrections cost more than the pixels). A masked-out read may reach into a
+// neighbouring plane (its value is never used); the first and last planes, whose reads could leave the tensor, are
+// copied into a zero-padded scratch first (`Flat::plane`).
+template <typename A>
+struct FlatTaps {
+  using U = typename Vec<A>::U;
+  int64_t n = 0, taps = 0;                       // pixels per plane, taps per channel
+  std::vector<std::vector<U>> masks;             // one per distinct displacement, all-ones lanes (padded to vectors)
+  std::vector<int64_t> off;                      // [c * taps + k]: flat offset of channel c's tap k
+  std::vector<const U*> mask;                    // [c * taps + k]
+  std::vector<int64_t> reach;                    // [c]: largest |offset| of the channel's taps
+  typename Vec<A>::M tail{};                     // lanes of the last vector inside the plane
+
+  // disp(c, k) gives channel c's tap k as (dy, dx); displacements of |dy| >= H or |dx| >= W read nothing.
+  template <typename F>
+  FlatTaps(int64_t C, int64_t H, int64_t W, int64_t taps_, const F& disp) : n(H * W), taps(taps_) {
+    std::vector<Disp> seen;
+    std::vector<int64_t> which(C * taps);
+    off.resize(C * taps);
+    reach.assign(C, 0);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < taps; ++k) {
+        Disp d = disp(c, k);
+        if (std::abs(d.dy) >= H || std::abs(d.dx) >= W) d = {H, 0};  // nothing inside: an all-zero mask
+        const int64_t i = std::find(seen.begin(), seen.end(), d) - seen.begin();
+        if (i == static_cast<int64_t>(seen.size())) {
+          seen.push_back(d);
+          std::vector<U> m((n + Vec<A>::L - 1) / Vec<A>::L * Vec<A>::L, U(0));
+          for (int64_t r = std::max<int64_t>(0, -d.dy); r < std::min(H, H - d.dy); ++r)
+            for (int64_t col = std::max<int64_t>(0, -d.dx); col < std::min(W, W - d.dx); ++col) m[r * W + col] = ~U(0);
+          masks.push_back(std::move(m));
+        }
+        which[c * taps + k] = i;
+        off[c * taps + k] = d.dy == H ? 0 : d.dy * W + d.dx;
+        reach[c] = std::max(reach[c], std::abs(off[c * taps + k]));
+      }
+    for (int64_t i : which) mask.push_back(masks[i].data());
+    for (int64_t l = 0; l < Vec<A>::L; ++l) tail[l] = l < n % Vec<A>::L || n % Vec<A>::L == 0 ? ~U(0) : U(0);
   }
-  const int64_t off = dy * W + dx;  // source index of dst index k: k + off
-  const int64_t k0 = std::max(i0 * W, -off), k1 = std::min(i1 * W, Hs * W - off);
-  for (int64_t k = 0; k < k0; ++k) dst[k] = D(0);
-#pragma omp simd
-  for (int64_t k = k0; k < k1; ++k) dst[k] = f(k, src[k + off]);
-  for (int64_t k = k1; k < n; ++k) dst[k] = D(0);
-  for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t t = 0; t < t0; ++t) dst[i * W + t] = D(0);
-    for (int64_t t = t1; t < W; ++t) dst[i * W + t] = D(0);
-  }
+};
+
+// Source planes for the flat loops, which read whole vectors (up to pad = 8 elements past the plane's end): plane p
+// itself, or (when its reads could leave the tensor) a copy in the middle of a zero-padded scratch of 3 planes
+// (every offset is below one plane).
+template <typename T>
+const T* flat_plane(const T* base, int64_t p, int64_t planes, int64_t n, int64_t reach, std::vector<T>& scratch) {
+  constexpr int64_t pad = 8;
+  const T* plane = base + p * n;
+  if (p * n - reach >= 0 && (p + 1) * n + reach + pad <= planes * n) return plane;
+  scratch.assign(3 * n + pad, T(0));
+  std::copy(plane, plane + n, scratch.begin() + n);
+  return scratch.data() + n;
 }
 
-// Adds one stride-1 plane's shift gradient (SSL Eq. 6 at x = relu(z)) to sy, sx. The zero-padded relu(z) from row fy,
-// column fx is laid out with g's pitch W (H + 1 rows), so output pixel t has corners x[t], x[t + 1], x[t + W],
-// x[t + W + 1] and the four sums S1..S4 = sum g * corner are one vectorised loop over the plane; in the last column
-// x[t + 1] and x[t + W + 1] are the next row's first column instead of column fx + W, corrected per row afterwards.
-// Then d/d dy = (1-b)(S3 - S1) + b(S4 - S2), d/d dx = (1-a)(S2 - S1) + a(S4 - S3). The correction can make an
-// infinite x give NaN where the reference adds nothing: the caller recomputes a non-finite result with
-// shift_grad_plane.
+// The lanes of v where the bits of m are set, +0 elsewhere (a select that lets inf/nan through only where kept).
+template <typename A>
+inline typename Vec<A>::V keep(const typename Vec<A>::V& v, const typename Vec<A>::M& m) {
+  typename Vec<A>::M bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= m;
+  typename Vec<A>::V r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+
+// All-ones lanes where relu(v) is v (v > 0, or NaN: as relu_off), the vector form of !relu_off(v); and a mask load.
+template <typename A>
+inline typename Vec<A>::M relu_on(const typename Vec<A>::V& v) {
+  return ~reinterpret_cast<typename Vec<A>::M>(v <= typename Vec<A>::V{});
+}
+
+template <typename A>
+inline typename Vec<A>::M mask_at(const typename Vec<A>::U* m) {
+  typename Vec<A>::M r;
+  std::memcpy(&r, m, sizeof(r));
+  return r;
+}
+
+// The flat loops go over whole vectors, t = 0, L, ...; reads are whole vectors (the masks are zero past the plane's
+// end), writes of the last vector are cut at the end of the plane.
 template <typename T, typename A>
-void relu_shift_grad_plane(const T* __restrict__ g, const T* __restrict__ z, int64_t H, int64_t W,
-                           const Bilinear<A>& q, int64_t c, std::vector<A>& buf, double& sy, double& sx) {
-  const int64_t fy = q.fy[c], fx = q.fx[c];
-  buf.resize((H + 1) * W + 1);
-  A* __restrict__ xp = buf.data();
-  shift_plane_flat(xp, H + 1, W, z, H, fy, fx, [](int64_t, T v) { return relu_as<A>(v); });
-  xp[(H + 1) * W] = A(0);
-  A s1(0), s2(0), s3(0), s4(0);
-#pragma omp simd reduction(+ : s1, s2, s3, s4)
-  for (int64_t t = 0; t < H * W; ++t) {
-    const A gv = static_cast<A>(g[t]);
-    s1 += gv * xp[t];
-    s2 += gv * xp[t + 1];
-    s3 += gv * xp[t + W];
-    s4 += gv * xp[t + W + 1];
+inline void put(T* p, const typename Vec<A>::V& v, int64_t t, int64_t n) {
+  if (t + Vec<A>::L <= n) {
+    vstore<true, A>(p + t, v, Vec<A>::L);
+  } else {
+    vstore<false, A>(p + t, v, n - t);
   }
-  auto x_at = [&](int64_t r, int64_t col) {  // relu(z) at image (r, col), zero outside
-    if (r < 0 || r >= H || col < 0 || col >= W) return A(0);
-    return relu_as<A>(z[r * W + col]);
-  };
-  for (int64_t i = 0; i < H; ++i) {
-    const A gv = static_cast<A>(g[i * W + W - 1]);
-    s2 += gv * (x_at(fy + i, fx + W) - xp[(i + 1) * W]);
-    s4 += gv * (x_at(fy + i + 1, fx + W) - xp[(i + 2) * W]);
+}
+
+// out = relu of the integer shift of plane z (one tap per channel), SSL Eq. 5 on relu(z).
+template <typename T, typename A>
+void relu_shift_flat(T* out, const T* z, const FlatTaps<A>& f, int64_t c) {
+  const T* src = z + f.off[c];
+  const typename Vec<A>::U* m = f.mask[c];
+  for (int64_t t = 0; t < f.n; t += Vec<A>::L) {
+    const typename Vec<A>::V v = vload<true, A>(src + t, Vec<A>::L);
+    put<T, A>(out, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)), t, f.n);
   }
+}
+
+// Backward of one plane, taps: 0 the inverse shift, 1-4 the corners (fy, fx), (fy, fx+1), (fy+1, fx), (fy+1, fx+1).
+// gz = 1[z > 0] * inverse_shift(g) (SSL Eq. 7 and the ReLU's gradient); s[k] = sum g * relu(z) at corner k, from
+// which the caller forms the Eq. 6 shift gradient.
+template <typename T, typename A>
+void relu_sparse_backward_flat(T* gz, const T* g, const T* z, const FlatTaps<A>& f, int64_t c, A (&s)[4]) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L;
+  const int64_t* o = &f.off[c * 5];
+  const typename Vec<A>::U* const* mk = &f.mask[c * 5];
+  V acc[4] = {};
+  for (int64_t t = 0; t < f.n; t += L) {
+    const V gi = vload<true, A>(g + o[0] + t, L);
+    put<T, A>(gz, keep<A>(gi, mask_at<A>(mk[0] + t) & relu_on<A>(vload<true, A>(z + t, L))), t, f.n);
+    V gv = vload<true, A>(g + t, L);
+    if (t + L > f.n) gv = keep<A>(gv, f.tail);  // lanes past the plane: 0 * inf would be nan
+    for (int k = 0; k < 4; ++k) {
+      const V zk = vload<true, A>(z + o[k + 1] + t, L);
+      acc[k] += gv * keep<A>(zk, mask_at<A>(mk[k + 1] + t) & relu_on<A>(zk));
+    }
+  }
+  for (int k = 0; k < 4; ++k) {
+    A lanes[L];
+    std::memcpy(lanes, &acc[k], sizeof(lanes));
+    s[k] = A(0);
+    for (int l = 0; l < L; ++l) s[k] += lanes[l];
+  }
+}
+
+// Adds a plane's shift gradient (SSL Eq. 6) from its corner sums S1..S4 (sums of g times the corners Z1..Z4):
+// d/d dy = (1-b)(S3 - S1) + b(S4 - S2), d/d dx = (1-a)(S2 - S1) + a(S4 - S3).
+template <typename A>
+void add_corner_sums(const Bilinear<A>& q, int64_t c, const A (&s)[4], double& sy, double& sx) {
   const double a = static_cast<double>(q.a[c]), b = static_cast<double>(q.b[c]);
-  const double d1 = s1, d2 = s2, d3 = s3, d4 = s4;
+  const double d1 = s[0], d2 = s[1], d3 = s[2], d4 = s[3];
   sy += (1 - b) * (d3 - d1) + b * (d4 - d2);
   sx += (1 - a) * (d2 - d1) + a * (d4 - d3);
 }
@@ -1723,22 +1767,25 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
   const int64_t* s = int_shifts(shifts, holder);
   const Move m = integer_move(s, N, C, H, W, Ho, Wo, stride, false);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "relu_shift_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    if (stride == 1) {
+      const FlatTaps<A> f(C, H, W, 1, [&](int64_t c, int64_t) { return Disp{s[2 * c], s[2 * c + 1]}; });
+      parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> scratch;
+        for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0)
+          relu_shift_flat(op + p * H * W, flat_plane(zp, p, N * C, H * W, f.reach[c], scratch), f, c);
+      });
+      return;
+    }
     parallel(N * C, Ho * Wo, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % C;
-        if (stride == 1) {
-          shift_plane_flat(op + p * H * W, H, W, zp + p * H * W, H, s[2 * c], s[2 * c + 1],
-                           [](int64_t, scalar_t v) { return relu_as<scalar_t>(v); });
-          continue;
-        }
+      for (int64_t p = begin; p < end; ++p)
         for (int64_t i = 0; i < Ho; ++i) {
-          const int64_t r = seg_source(m.rows[c], i);
+          const int64_t c = p % C, r = m.rows[c].source(i);
           relu_move_row(op + (p * Ho + i) * Wo, Wo, r >= 0 ? zp + p * H * W + r * W : nullptr, m.cols[c],
                         static_cast<const scalar_t*>(nullptr));
         }
-      }
     });
   });
   return out;
@@ -1767,29 +1814,30 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     std::vector<double> plane_acc(N * C * 2, 0.0);
+    const FlatTaps<A> f(C, H, W, stride == 1 ? 5 : 0, [&](int64_t c, int64_t k) {
+      return k == 0 ? Disp{-s[2 * c], -s[2 * c + 1]} : Disp{q.fy[c] + (k - 1) / 2, q.fx[c] + (k - 1) % 2};
+    });
     with_stride(stride, [&](auto st) {
       constexpr int S = decltype(st)::value;
       parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
         RowCache<scalar_t, A> pad;
-        std::vector<A> col, buf;
-        std::vector<scalar_t> x;  // relu(z) of the plane, for shift_grad_plane
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C;
+        std::vector<A> col;
+        std::vector<scalar_t> x, gscratch, zscratch;  // x: relu(z) of the plane, for shift_grad_plane
+        for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0) {
           const scalar_t* zpl = zp + p * H * W;
           const scalar_t* gpl = gp + p * Ho * Wo;
           double& sy = plane_acc[2 * p];
           double& sx = plane_acc[2 * p + 1];
-          if constexpr (S == 1) {  // input gradient: inverse shift and the ReLU's mask, then the shift gradient
-            shift_plane_flat(gxp + p * H * W, H, W, gpl, H, -s[2 * c], -s[2 * c + 1], [&](int64_t k, scalar_t v) {
-              return relu_off(zpl[k]) ? scalar_t(0) : v;
-            });
-            relu_shift_grad_plane(gpl, zpl, H, W, q, c, buf, sy, sx);
+          if constexpr (S == 1) {  // input gradient and the corner sums of the shift gradient in one flat loop
+            A c4[4];
+            relu_sparse_backward_flat(gxp + p * H * W, flat_plane(gp, p, N * C, H * W, f.reach[c], gscratch),
+                                      flat_plane(zp, p, N * C, H * W, f.reach[c], zscratch), f, c, c4);
+            add_corner_sums(q, c, c4, sy, sx);
             if (std::isfinite(sy) && std::isfinite(sx)) continue;
-            sy = sx = 0;
-          }
-          if constexpr (S != 1) {
+            sy = sx = 0;  // inf/nan: the reference's per-pixel differences (below) decide which
+          } else {
             for (int64_t y = 0; y < H; ++y) {  // input gradient: inverse shift and the ReLU's mask
-              const int64_t r = seg_source(m.rows[c], y);
+              const int64_t r = m.rows[c].source(y);
               relu_move_row(gxp + (p * H + y) * W, W, r >= 0 ? gpl + r * Wo : nullptr, m.cols[c], zpl + y * W);
             }
           }
