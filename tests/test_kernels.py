@@ -28,6 +28,14 @@ def kernels():
         pytest.skip(f"C++ kernels cannot be built here: {exc}")
 
 
+@pytest.fixture(params=["rows", "flat"])
+def plane_form(request, monkeypatch):
+    """The NCHW stride-1 kernels in their row-based or their flat form (FEWSHIFTS_FLAT_MAX: 0, or every plane),
+    whichever the plane size would choose by default."""
+    monkeypatch.setenv("FEWSHIFTS_FLAT_MAX", "0" if request.param == "rows" else str(1 << 40))
+    return request.param
+
+
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -96,7 +104,7 @@ def _tol(dtype: torch.dtype) -> dict:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_integer_kernels_match_reference_exactly(kernels, case):
+def test_integer_kernels_match_reference_exactly(kernels, plane_form, case):
     x, shifts, _, grad = _inputs(case)
     stride = case[1]
     H, W = x.shape[2:]
@@ -109,7 +117,7 @@ def test_integer_kernels_match_reference_exactly(kernels, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_bilinear_kernels_match_reference(kernels, case):
+def test_bilinear_kernels_match_reference(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)
     stride, dtype = case[1], case[3]
     H, W = x.shape[2:]
@@ -207,7 +215,7 @@ def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, strid
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_bilinear_non_finite_like_reference(kernels, layout):
+def test_bilinear_non_finite_like_reference(kernels, plane_form, layout):
     """inf/nan reach exactly the outputs the reference sends them to (0 * inf = nan only at a channel's own corners,
     zero outside the image)."""
     x = torch.randn(2, 20, 6, 7)
@@ -226,7 +234,7 @@ def test_bilinear_non_finite_like_reference(kernels, layout):
 
 
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
-def test_sparse_backward_matches_its_parts(kernels, case):
+def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)
     stride = case[1]
     rounded = torch.round(real).long()
@@ -238,7 +246,7 @@ def test_sparse_backward_matches_its_parts(kernels, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_relu_sparse_kernels_match_reference(kernels, case):
+def test_relu_sparse_kernels_match_reference(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)
     z = x
     z[:, :, ::3] = 0  # exact zeros: relu(0) = 0 and a zero gradient there (in place: keeps the layout)
@@ -260,7 +268,7 @@ def test_relu_sparse_kernels_match_reference(kernels, case):
 @pytest.mark.parametrize(("layout", "hw", "dtype"), [("nchw", (9, 8), torch.float32), ("nchw", (7, 7), torch.float32),
                                                    ("nchw", (5, 3), torch.float64),
                                                    ("channels_last", (9, 8), torch.float32)])
-def test_relu_sparse_non_finite_like_composition(kernels, layout, hw, dtype):
+def test_relu_sparse_non_finite_like_composition(kernels, plane_form, layout, hw, dtype):
     """inf / nan in z and in the gradient: the fused kernels give what the C++ composition (relu, sparse kernels,
     ReLU gradient) gives. The NCHW kernels read whole vectors across plane ends (masked): values in the neighbouring
     planes, at their first and last pixels, must not leak into a channel's results."""
