@@ -142,6 +142,24 @@ def test_bilinear_kernels_match_reference(kernels, plane_form, case):
     assert torch.equal(fused_gx, gx) and torch.equal(fused_gs, gs)
 
 
+def test_flat_kernels_with_shifts_spread_over_many_displacements(kernels):
+    """1100 channels shifted to distinct displacements on 64x64 planes: the flat form's masks (one per displacement)
+    would pass their size limit, so the kernels take the row-based form; same results as the reference."""
+    g = torch.Generator().manual_seed(5)
+    C, H, W = 1100, 64, 64
+    grid = torch.tensor([(dy, dx) for dy in range(-20, 21) for dx in range(-20, 21)])
+    shifts = grid[torch.randperm(len(grid), generator=g)[:C]]
+    x = torch.randn(1, C, H, W, generator=g)
+    assert torch.equal(kernels.shift_forward(x, shifts, 1), reference.shift_forward(x, shifts, 1))
+    assert torch.equal(kernels.shift_backward(x, shifts, 1, H, W), reference.shift_backward(x, shifts, 1, H, W))
+    z = x.clone()
+    real = shifts.float() + 0.25
+    gz, gs = kernels.relu_sparse_backward(x, z, shifts, real, 1)
+    ref_gz, ref_gs = reference.relu_sparse_backward(x, z, shifts, real, 1)
+    assert torch.equal(gz, ref_gz)
+    torch.testing.assert_close(gs, ref_gs, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels", [320, 20, 96, 100])
 def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):

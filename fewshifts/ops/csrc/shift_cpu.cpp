@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -240,10 +242,12 @@ struct Disp {
 // Each kernel takes the flat form for planes up to the size where it was measured faster than its row-based form
 // on this project's CPU (Zen 3, AVX2; same-process A/B at 7x7 to 112x112): the integer kernels (shift, adjoint,
 // fused ReLU) up to 112x112, where they are as fast or faster (the sparse backward 1.4x at 112x112, 2.1x at
-// 16x16); the bilinear backward up to 32x32 (1.2-1.6x; slower from 56x56 on); the bilinear forward up to 16x16
+// 16x16); the bilinear backward up to 32x32 (1.1-1.6x; slower from 56x56 on); the bilinear forward up to 16x16
 // (1.3x; slower from 28x28 on, where its four masked loads cost more than the row form's per-row work).
 // FEWSHIFTS_FLAT_MAX=P overrides all three (0: row-based everywhere; the tests use it to cover both forms).
 constexpr int64_t kFlatInteger = 112 * 112, kFlatBilinearBackward = 32 * 32, kFlatBilinearForward = 16 * 16;
+
+constexpr int64_t kFlatMaskBytes = int64_t{4} << 20;  // masks beyond this (shifts spread over many pixels): rows
 
 inline bool use_flat(int64_t pixels, int64_t largest) {
   const char* v = std::getenv("FEWSHIFTS_FLAT_MAX");
@@ -259,9 +263,12 @@ struct FlatTaps {
   std::vector<int64_t> reach;                     // [c]: largest |offset| of the channel's taps
   int8_t ends[2 * kPad];                          // kPad times -1 then 0: tail(len) masks lanes [0, len)
 
+  bool ok = true;                                 // false: the masks would exceed kFlatMaskBytes (none built)
+
   // disp(c, k) gives channel c's tap k as (dy, dx); displacements of |dy| >= H or |dx| >= W read nothing.
   template <typename F>
   FlatTaps(int64_t C, int64_t H, int64_t W, int64_t taps_, const F& disp) : n(H * W), taps(taps_) {
+    std::map<std::pair<int64_t, int64_t>, int64_t> index;  // displacement -> its mask
     std::vector<Disp> seen;
     std::vector<int64_t> which(C * taps);
     off.resize(C * taps);
@@ -270,24 +277,38 @@ struct FlatTaps {
       for (int64_t k = 0; k < taps; ++k) {
         Disp d = disp(c, k);
         if (std::abs(d.dy) >= H || std::abs(d.dx) >= W) d = {H, 0};  // nothing inside: an all-zero mask
-        const int64_t i = std::find(seen.begin(), seen.end(), d) - seen.begin();
-        if (i == static_cast<int64_t>(seen.size())) {
-          seen.push_back(d);
-          std::vector<int8_t> m(n + kPad, 0);
-          for (int64_t r = std::max<int64_t>(0, -d.dy); r < std::min(H, H - d.dy); ++r)
-            std::fill_n(m.begin() + r * W + std::max<int64_t>(0, -d.dx), W - std::abs(d.dx), int8_t(-1));
-          masks.push_back(std::move(m));
-        }
-        which[c * taps + k] = i;
+        const auto it = index.emplace(std::make_pair(d.dy, d.dx), static_cast<int64_t>(seen.size())).first;
+        if (it->second == static_cast<int64_t>(seen.size())) seen.push_back(d);
+        which[c * taps + k] = it->second;
         off[c * taps + k] = d.dy == H ? 0 : d.dy * W + d.dx;
         reach[c] = std::max(reach[c], std::abs(off[c * taps + k]));
       }
+    ok = static_cast<int64_t>(seen.size()) * (n + kPad) <= kFlatMaskBytes;
+    if (!ok) return;
+    for (const Disp& d : seen) {
+      std::vector<int8_t> m(n + kPad, 0);
+      for (int64_t r = std::max<int64_t>(0, -d.dy); r < std::min(H, H - d.dy); ++r)
+        std::fill_n(m.begin() + r * W + std::max<int64_t>(0, -d.dx), W - std::abs(d.dx), int8_t(-1));
+      masks.push_back(std::move(m));
+    }
     for (int64_t i : which) mask.push_back(masks[i].data());
     std::fill_n(ends, kPad, int8_t(-1));
     std::fill_n(ends + kPad, kPad, int8_t(0));
   }
+  FlatTaps(const FlatTaps&) = delete;  // `mask` points into `masks`
+  FlatTaps(FlatTaps&&) = default;
   const int8_t* tail(int64_t len) const { return ends + kPad - len; }
 };
+
+// The flat form's taps for planes of H x W, or nothing (the row-based form) when the planes are larger than
+// `largest` (use_flat) or the shifts spread over so many displacements that their masks would not stay small.
+template <typename F>
+std::optional<FlatTaps> flat_taps(int64_t C, int64_t H, int64_t W, int64_t taps, int64_t largest, const F& disp) {
+  if (!use_flat(H * W, largest)) return std::nullopt;
+  FlatTaps f(C, H, W, taps, disp);
+  if (!f.ok) return std::nullopt;
+  return std::optional<FlatTaps>(std::move(f));
+}
 
 // Bytes m[0, L) widened to a lane mask of the 32-byte vector of U lanes (all ones where the byte is -1).
 template <typename U>
@@ -375,18 +396,18 @@ void move_flat(U* out, const U* src, const FlatTaps& f, int64_t c) {
 template <typename T>
 void move_nchw(const T* src, T* dst, const Move& m) {
   const int64_t n = m.Hd * m.Wd;
-  bool flat = use_flat(n, kFlatInteger) && m.Hs == m.Hd && m.Ws == m.Wd;
-  for (int64_t c = 0; flat && c < m.C; ++c)
-    flat = m.rows[c].ostep == 1 && m.rows[c].sstep == 1 && m.cols[c].ostep == 1 && m.cols[c].sstep == 1;
-  if (flat) {
-    const FlatTaps f(m.C, m.Hd, m.Wd, 1, [&](int64_t c, int64_t) {
-      const Seg &r = m.rows[c], &k = m.cols[c];
-      return r.count > 0 && k.count > 0 ? Disp{r.s0 - r.o0, k.s0 - k.o0} : Disp{m.Hd, 0};
-    });
+  bool stride1 = m.Hs == m.Hd && m.Ws == m.Wd;
+  for (int64_t c = 0; stride1 && c < m.C; ++c)
+    stride1 = m.rows[c].ostep == 1 && m.rows[c].sstep == 1 && m.cols[c].ostep == 1 && m.cols[c].sstep == 1;
+  const auto f = stride1 ? flat_taps(m.C, m.Hd, m.Wd, 1, kFlatInteger, [&](int64_t c, int64_t) {
+    const Seg &r = m.rows[c], &k = m.cols[c];
+    return r.count > 0 && k.count > 0 ? Disp{r.s0 - r.o0, k.s0 - k.o0} : Disp{m.Hd, 0};
+  }) : std::nullopt;
+  if (f) {
     parallel(m.N * m.C, n, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch;
       for (int64_t p = begin, c = begin % m.C; p < end; ++p, c = c + 1 < m.C ? c + 1 : 0)
-        move_flat(dst + p * n, flat_plane(src, p, m.N * m.C, n, f.reach[c], scratch), f, c);
+        move_flat(dst + p * n, flat_plane(src, p, m.N * m.C, n, f->reach[c], scratch), *f, c);
     });
     return;
   }
@@ -1751,12 +1772,14 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
           bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, Displacements<A>(q, C));
         return;
       }
-      if (S == 1 && use_flat(H * W, kFlatBilinearForward)) {
-        const FlatTaps f(C, H, W, 4, [&](int64_t c, int64_t k) { return q.corner(c, k); });
+      const auto f = S == 1 ? flat_taps(C, H, W, 4, kFlatBilinearForward,
+                                        [&](int64_t c, int64_t k) { return q.corner(c, k); }) : std::nullopt;
+      if (f) {
         parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> scratch;
           for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0)
-            bilinear_flat(op + p * H * W, flat_plane(xp, p, N * C, H * W, f.reach[c], scratch), f, c, q.weights(c));
+            bilinear_flat(op + p * H * W, flat_plane(xp, p, N * C, H * W, f->reach[c], scratch), *f, c,
+                          q.weights(c));
         });
         return;
       }
@@ -1813,14 +1836,16 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
-      if (S == 1 && use_flat(H * W, si != nullptr ? kFlatInteger : kFlatBilinearBackward)) {
-        // one pass: the corner taps of q_gs, then the input gradient's taps
-        const int64_t corners = want_gs ? 4 : 0, gi = !want_gx ? 0 : si != nullptr ? 1 : 4;
-        const FlatTaps f(C, H, W, corners + gi, [&](int64_t c, int64_t k) {
-          if (k < corners) return q_gs.corner(c, k);
-          const Disp d = si != nullptr ? Disp{si[2 * c], si[2 * c + 1]} : q_gx.corner(c, k - corners);
-          return Disp{-d.dy, -d.dx};
-        });
+      // one pass: the corner taps of q_gs, then the input gradient's taps
+      const int64_t corners = want_gs ? 4 : 0, gi = !want_gx ? 0 : si != nullptr ? 1 : 4;
+      const int64_t largest = si != nullptr ? kFlatInteger : kFlatBilinearBackward;
+      const auto flat = S != 1 ? std::nullopt : flat_taps(C, H, W, corners + gi, largest, [&](int64_t c, int64_t k) {
+        if (k < corners) return q_gs.corner(c, k);
+        const Disp d = si != nullptr ? Disp{si[2 * c], si[2 * c + 1]} : q_gx.corner(c, k - corners);
+        return Disp{-d.dy, -d.dx};
+      });
+      if (flat) {
+        const FlatTaps& f = *flat;
         std::vector<double> plane_acc(want_gs ? N * C * 2 : 0, 0.0);
         parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
           RowCache<scalar_t, A> pad;
@@ -1828,9 +1853,9 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
           std::vector<scalar_t> gscratch, xscratch;
           for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0) {
             A c4[4];
+            const scalar_t* xpl = want_gs ? flat_plane(xp, p, N * C, H * W, f.reach[c], xscratch) : nullptr;
             backward_flat<false>(gxp + (want_gx ? p * H * W : 0), flat_plane(gp, p, N * C, H * W, f.reach[c], gscratch),
-                                 want_gs ? flat_plane(xp, p, N * C, H * W, f.reach[c], xscratch) : nullptr, f, c,
-                                 corners, gi == 4 ? q_gx.weights(c) : kNoWeights<A>, c4);
+                                 xpl, f, c, corners, gi == 4 ? q_gx.weights(c) : kNoWeights<A>, c4);
             if (!want_gs) continue;
             double &sy = plane_acc[2 * p], &sx = plane_acc[2 * p + 1];
             add_corner_sums(q_gs, c, c4, sy, sx);
@@ -1929,8 +1954,11 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
     using A = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    if (stride == 1 && use_flat(H * W, kFlatInteger)) {
-      const FlatTaps f(C, H, W, 1, [&](int64_t c, int64_t) { return Disp{s[2 * c], s[2 * c + 1]}; });
+    const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 1, kFlatInteger, [&](int64_t c, int64_t) {
+      return Disp{s[2 * c], s[2 * c + 1]};
+    });
+    if (flat) {
+      const FlatTaps& f = *flat;
       parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> scratch;
         for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0)
@@ -1973,8 +2001,7 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     std::vector<double> plane_acc(N * C * 2, 0.0);
-    const bool flat = stride == 1 && use_flat(H * W, kFlatInteger);
-    const FlatTaps f(C, H, W, flat ? 5 : 0, [&](int64_t c, int64_t k) {
+    const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 5, kFlatInteger, [&](int64_t c, int64_t k) {
       return k < 4 ? q.corner(c, k) : Disp{-s[2 * c], -s[2 * c + 1]};
     });
     with_stride(stride, [&](auto st) {
@@ -1990,8 +2017,9 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
           double& sx = plane_acc[2 * p + 1];
           if (flat) {  // input gradient and the corner sums of the shift gradient in one loop
             A c4[4];
-            backward_flat<true>(gxp + p * H * W, flat_plane(gp, p, N * C, H * W, f.reach[c], gscratch),
-                                flat_plane(zp, p, N * C, H * W, f.reach[c], zscratch), f, c, 4, kNoWeights<A>, c4);
+            const int64_t reach = flat->reach[c];
+            backward_flat<true>(gxp + p * H * W, flat_plane(gp, p, N * C, H * W, reach, gscratch),
+                                flat_plane(zp, p, N * C, H * W, reach, zscratch), *flat, c, 4, kNoWeights<A>, c4);
             add_corner_sums(q, c, c4, sy, sx);
             if (std::isfinite(sy) && std::isfinite(sx)) continue;
             sy = sx = 0;  // inf/nan: the reference's per-pixel differences (below) decide which
