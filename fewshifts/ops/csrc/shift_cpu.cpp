@@ -1632,12 +1632,13 @@ inline typename Vec<A>::V keep(const typename Vec<A>::V& v, const typename Vec<A
   return r;
 }
 
-// All-ones lanes where relu(v) is v (v > 0, or NaN: as relu_off), the vector form of !relu_off(v); and a mask load.
+// All-ones lanes where relu(v) is v (v > 0, or NaN: as relu_off), the vector form of !relu_off(v).
 template <typename A>
 inline typename Vec<A>::M relu_on(const typename Vec<A>::V& v) {
   return ~reinterpret_cast<typename Vec<A>::M>(v <= typename Vec<A>::V{});
 }
 
+// The lane mask of a FlatTaps byte mask at m, for vectors of A.
 template <typename A>
 inline typename Vec<A>::M mask_at(const int8_t* m) {
   return lane_mask<typename Vec<A>::U>(m);
@@ -1926,12 +1927,13 @@ std::tuple<Tensor, Tensor> sparse_backward(const Tensor& g, const Tensor& x, con
 // ------------------------------------------------------------------------------------------------------------
 // ReLU fused into the quantization-aware shift: y = shift(relu(z)) by the rounded shifts (SSL Eq. 5 applied to
 // x = relu(z)), so a block's conv - BN - ReLU - SSL costs the memory passes of conv - BN - in-place ReLU. Backward,
-// per NCHW plane in one pass over g and z: g_z = 1[z > 0] * inverse_shift(g) (Eq. 7, then the ReLU's gradient), and
-// the Eq. 6 shift gradient from x = relu(z) written to a plane-sized scratch (cache resident) on the way. z, not
-// relu(z), is what autograd saves. channels_last takes the composition (relu, then the kernels above).
+// per NCHW plane in one pass over g and z (backward_flat; row by row for stride 2 and large planes):
+// g_z = 1[z > 0] * inverse_shift(g) (Eq. 7, then the ReLU's gradient) and the Eq. 6 shift gradient at x = relu(z).
+// z, not relu(z), is what autograd saves. channels_last takes the composition (relu, then the kernels above).
 
-// One row of a ReLU fused into a stride-2 integer movement: dst = the row movement of src (move_row), then rectified
-// (forward, z == nullptr) or zeroed where z <= 0 (backward, z the ReLU's input: its gradient).
+// One row of a ReLU fused into a row-based integer movement (stride 2, or planes past the flat form's size): dst =
+// the row movement of src (move_row), then rectified (forward, z == nullptr) or zeroed where z <= 0 (backward, z
+// the ReLU's input: its gradient).
 template <typename T>
 void relu_move_row(T* dst, int64_t n_dst, const T* src, const Seg& s, const T* z) {
   move_row(dst, n_dst, src, s);
