@@ -939,12 +939,11 @@ void shift_inplace(Tensor& x, const Tensor& shifts) {
 template <typename A>
 struct Bilinear {
   std::vector<int64_t> fy, fx;
-  std::vector<A> a, b, w00, w01, w10, w11;
+  std::vector<A> a, b, w;  // w[4 c + k]: channel c's weight of corner k
 
-  // corner k = 2 oy + ox of channel c: (fy + oy, fx + ox), weight w[oy][ox]
+  // corner k = 2 oy + ox of channel c: (fy + oy, fx + ox), weights (1-a)(1-b), (1-a)b, a(1-b), ab
   Disp corner(int64_t c, int64_t k) const { return {fy[c] + k / 2, fx[c] + k % 2}; }
-  const A* weights(int64_t c) const { return &w4[4 * c]; }  // w00, w01, w10, w11
-  std::vector<A> w4;
+  const A* weights(int64_t c) const { return &w[4 * c]; }
 
   explicit Bilinear(const Tensor& shifts) {
     const Tensor s = shifts.to(at::kDouble).contiguous();
@@ -957,11 +956,8 @@ struct Bilinear {
       fx.push_back(static_cast<int64_t>(x));
       a.push_back(static_cast<A>(ay));
       b.push_back(static_cast<A>(bx));
-      w00.push_back(static_cast<A>((1 - ay) * (1 - bx)));
-      w01.push_back(static_cast<A>((1 - ay) * bx));
-      w10.push_back(static_cast<A>(ay * (1 - bx)));
-      w11.push_back(static_cast<A>(ay * bx));
-      w4.insert(w4.end(), {w00.back(), w01.back(), w10.back(), w11.back()});
+      w.insert(w.end(), {static_cast<A>((1 - ay) * (1 - bx)), static_cast<A>((1 - ay) * bx),
+                         static_cast<A>(ay * (1 - bx)), static_cast<A>(ay * bx)});
     }
   }
 };
@@ -1006,7 +1002,7 @@ template <int S, typename T, typename A>
 void bilinear_forward_plane(const T* x, T* out, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
                             int64_t c, RowCache<T, A>& pad) {
   const int64_t fy = q.fy[c];
-  const A w00 = q.w00[c], w01 = q.w01[c], w10 = q.w10[c], w11 = q.w11[c];
+  const A w00 = q.weights(c)[0], w01 = q.weights(c)[1], w10 = q.weights(c)[2], w11 = q.weights(c)[3];
   pad.reset(x, H, W, q.fx[c], (Wo - 1) * S + 2);  // columns fx .. (Wo-1)*S + fx + 1
   for (int64_t i = 0; i < Ho; ++i) {
     const A* p0 = pad.row(i * S + fy);
@@ -1024,7 +1020,7 @@ template <int S, typename T, typename A>
 void bilinear_adjoint_plane(const T* g, T* gx, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Bilinear<A>& q,
                             int64_t c, RowCache<T, A>& pad) {
   const int64_t fy = q.fy[c], fx = q.fx[c];
-  const A w[2][2] = {{q.w00[c], q.w01[c]}, {q.w10[c], q.w11[c]}};
+  const A w[2][2] = {{q.weights(c)[0], q.weights(c)[1]}, {q.weights(c)[2], q.weights(c)[3]}};
   if (S == 1) {
     pad.reset(g, Ho, Wo, -fx - 1, W + 1);  // columns x - fx - 1 .. x - fx for x in [0, W)
     for (int64_t y = 0; y < H; ++y) {
@@ -1099,7 +1095,7 @@ constexpr int64_t kBlock = 16;
 
 template <typename A>
 A corner_weight(const Bilinear<A>& q, int64_t c, int oy, int ox) {
-  return oy ? (ox ? q.w11[c] : q.w10[c]) : (ox ? q.w01[c] : q.w00[c]);
+  return q.weights(c)[2 * oy + ox];
 }
 
 template <typename A>
@@ -1738,6 +1734,13 @@ void add_corner_sums(const Bilinear<A>& q, int64_t c, const A (&s)[4], double& s
   sx += (1 - a) * (d2 - d1) + a * (d4 - d3);
 }
 
+// acc[2 c + i] += the per-plane shift gradients plane_acc[(n C + c) 2 + i], added in order over n (the same sum
+// whatever the number of threads).
+void add_plane_sums(const std::vector<double>& plane_acc, int64_t C, double* acc) {
+  for (size_t n = 0; n < plane_acc.size() / (2 * C); ++n)
+    for (int64_t k = 0; k < 2 * C; ++k) acc[k] += plane_acc[n * 2 * C + k];
+}
+
 // Rounds a double result to the accumulation type of the reference (float32 unless x is float64).
 template <typename A>
 Tensor finish_shift_grad(const Tensor& acc, const Tensor& shifts) {
@@ -1837,7 +1840,8 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
-      // one pass: the corner taps of q_gs, then the input gradient's taps
+      // flat form (stride 1, planes up to `largest`): one pass per plane, the corner taps of q_gs (shift gradient)
+      // then the input gradient's taps
       const int64_t corners = want_gs ? 4 : 0, gi = !want_gx ? 0 : si != nullptr ? 1 : 4;
       const int64_t largest = si != nullptr ? kFlatInteger : kFlatBilinearBackward;
       const auto flat = S != 1 ? std::nullopt : flat_taps(C, H, W, corners + gi, largest, [&](int64_t c, int64_t k) {
@@ -1845,9 +1849,10 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         const Disp d = si != nullptr ? Disp{si[2 * c], si[2 * c + 1]} : q_gx.corner(c, k - corners);
         return Disp{-d.dy, -d.dx};
       });
+      // planes in memory order; per-plane shift gradients are summed over n afterwards (deterministic)
+      std::vector<double> plane_acc(want_gs ? N * C * 2 : 0, 0.0);
       if (flat) {
         const FlatTaps& f = *flat;
-        std::vector<double> plane_acc(want_gs ? N * C * 2 : 0, 0.0);
         parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
           RowCache<scalar_t, A> pad;
           std::vector<A> col;
@@ -1865,14 +1870,10 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
             shift_grad_plane<S>(gp + p * H * W, xp + p * H * W, H, W, Ho, Wo, q_gs, c, pad, col, sy, sx);
           }
         });
-        for (int64_t n = 0; n < static_cast<int64_t>(plane_acc.size()) / (2 * C); ++n)
-          for (int64_t k = 0; k < 2 * C; ++k) acc[k] += plane_acc[n * 2 * C + k];
-        return;
       }
-      // planes in memory order; the input gradient and the shift gradient are two passes (measured faster here
-      // than one fused pass over both); per-plane shift gradients are summed over n afterwards (deterministic)
-      std::vector<double> plane_acc(want_gs ? N * C * 2 : 0, 0.0);
-      if (want_gx) {
+      // row form: the input gradient and the shift gradient are two passes (measured faster here than one fused
+      // pass over both)
+      if (!flat && want_gx) {
         parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
           RowCache<scalar_t, A> pad;
           for (int64_t p = begin; p < end; ++p) {
@@ -1885,7 +1886,7 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
           }
         });
       }
-      if (want_gs) {
+      if (!flat && want_gs) {
         parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
           RowCache<scalar_t, A> pad;
           std::vector<A> col;
@@ -1894,8 +1895,7 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
                                 plane_acc[2 * p], plane_acc[2 * p + 1]);
         });
       }
-      for (int64_t n = 0; n < static_cast<int64_t>(plane_acc.size()) / (2 * C); ++n)
-        for (int64_t k = 0; k < 2 * C; ++k) acc[k] += plane_acc[n * 2 * C + k];
+      add_plane_sums(plane_acc, C, acc);
     });
     if (want_gs) gs = finish_shift_grad<A>(gs_acc, args.shifts);
   });
@@ -2037,9 +2037,7 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
         }
       });
     });
-    double* acc = gs_acc.data_ptr<double>();
-    for (int64_t n = 0; n < N; ++n)  // per-plane sums added in order over n (deterministic)
-      for (int64_t k = 0; k < 2 * C; ++k) acc[k] += plane_acc[n * 2 * C + k];
+    add_plane_sums(plane_acc, C, gs_acc.data_ptr<double>());
     gs = finish_shift_grad<A>(gs_acc, shifts);
   });
   if (!gs.defined()) gs = at::zeros({C, 2}, shifts.options().device(at::kCPU));
