@@ -240,12 +240,12 @@ struct Disp {
 // scratch first (flat_plane).
 //
 // Each kernel takes the flat form for planes up to the size where it was measured faster than its row-based form
-// on this project's CPU (Zen 3, AVX2; same-process A/B at 7x7 to 112x112): the integer kernels (shift, adjoint,
-// fused ReLU) up to 112x112, where they are as fast or faster (the sparse backward 1.4x at 112x112, 2.1x at
-// 16x16); the bilinear backward up to 32x32 (1.1-1.6x; slower from 56x56 on); the bilinear forward up to 16x16
-// (1.3x; slower from 28x28 on, where its four masked loads cost more than the row form's per-row work).
-// FEWSHIFTS_FLAT_MAX=P overrides all three (0: row-based everywhere; the tests use it to cover both forms).
-constexpr int64_t kFlatInteger = 112 * 112, kFlatBilinearBackward = 32 * 32, kFlatBilinearForward = 16 * 16;
+// on this project's CPU (Zen 3, AVX2; same-process A/B at 7x7 to 112x112): the backward kernels and the integer
+// shifts up to 112x112, where they are as fast or faster (the sparse backward 1.4x at 112x112, 2.1x at 16x16; the
+// bilinear backward 1.1x at 112x112, 2.0x at 16x16); the bilinear forward up to 32x32 (1.0-1.7x; slower from
+// 56x56 on, where its four masked loads cost more than the row form's per-row work).
+// FEWSHIFTS_FLAT_MAX=P overrides both (0: row-based everywhere; the tests use it to cover both forms).
+constexpr int64_t kFlatLargest = 112 * 112, kFlatBilinearForward = 32 * 32;
 
 constexpr int64_t kFlatMaskBytes = int64_t{4} << 20;  // masks beyond this (shifts spread over many pixels): rows
 
@@ -399,7 +399,7 @@ void move_nchw(const T* src, T* dst, const Move& m) {
   bool stride1 = m.Hs == m.Hd && m.Ws == m.Wd;
   for (int64_t c = 0; stride1 && c < m.C; ++c)
     stride1 = m.rows[c].ostep == 1 && m.rows[c].sstep == 1 && m.cols[c].ostep == 1 && m.cols[c].sstep == 1;
-  const auto f = stride1 ? flat_taps(m.C, m.Hd, m.Wd, 1, kFlatInteger, [&](int64_t c, int64_t) {
+  const auto f = stride1 ? flat_taps(m.C, m.Hd, m.Wd, 1, kFlatLargest, [&](int64_t c, int64_t) {
     const Seg &r = m.rows[c], &k = m.cols[c];
     return r.count > 0 && k.count > 0 ? Disp{r.s0 - r.o0, k.s0 - k.o0} : Disp{m.Hd, 0};
   }) : std::nullopt;
@@ -1663,16 +1663,18 @@ void relu_shift_flat(T* out, const T* z, const FlatTaps& f, int64_t c) {
 }
 
 // Bilinear shift of one plane (ASL Eq. 8-10): out = sum over the corners k of w_k * x at corner k (taps 0-3: the
-// corners (fy, fx), (fy, fx+1), (fy+1, fx), (fy+1, fx+1)).
+// corners (fy, fx), (fy, fx+1), (fy+1, fx), (fy+1, fx+1)). Taps and weights in locals, as in backward_flat_taps.
 template <typename T, typename A>
 void bilinear_flat(T* out, const T* x, const FlatTaps& f, int64_t c, const A* w) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
-  const int64_t* o = &f.off[c * f.taps];
-  const int8_t* const* mk = &f.mask[c * f.taps];
+  int64_t o[4];
+  const int8_t* mk[4];
+  for (int k = 0; k < 4; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
+  const A wk[4] = {w[0], w[1], w[2], w[3]};
   for (int64_t t = 0; t < f.n; t += L) {
     V acc{};
-    for (int k = 0; k < 4; ++k) acc += w[k] * keep<A>(vload<true, A>(x + o[k] + t, L), mask_at<A>(mk[k] + t));
+    for (int k = 0; k < 4; ++k) acc += wk[k] * keep<A>(vload<true, A>(x + o[k] + t, L), mask_at<A>(mk[k] + t));
     put<T, A>(out, acc, t, f.n);
   }
 }
@@ -1681,21 +1683,24 @@ void bilinear_flat(T* out, const T* x, const FlatTaps& f, int64_t c, const A* w)
 // k, from which add_corner_sums forms the shift gradient (SSL Eq. 6). The remaining taps give the input gradient
 // gx: one, the inverse rounded shift (SSL Eq. 7), or four, the inverse corners with weights w (the bilinear
 // adjoint); none: no gx. Relu: x = relu(z) for the corners and gx is also zero where z <= 0 (the ReLU's gradient).
+// backward_flat_taps has the tap counts as constants and the taps, masks and weights in locals: the compiler then
+// keeps them in registers (through the tables, it reloaded them after every store, which might alias them: 1.3-1.4x
+// slower).
 template <typename A>
 constexpr A kNoWeights[4] = {};
 
-template <bool Relu, typename T, typename A>
-void backward_flat(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, int64_t corners,
-                   const A* w, A (&s)[4]) {
+template <bool Relu, int Corners, int Gi, typename T, typename A>
+void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, const A* w, A (&s)[4]) {
   using V = typename Vec<A>::V;
   using M = typename Vec<A>::M;
   constexpr int L = Vec<A>::L;
-  const int64_t* o = &f.off[c * f.taps];
-  const int8_t* const* mk = &f.mask[c * f.taps];
-  const int64_t gi = f.taps - corners;
+  int64_t o[Corners + Gi];
+  const int8_t* mk[Corners + Gi];
+  for (int k = 0; k < Corners + Gi; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
+  const A wk[4] = {w[0], w[1], w[2], w[3]};
   V acc[4] = {};
   for (int64_t t = 0; t < f.n; t += L) {
-    if (corners) {
+    if constexpr (Corners == 4) {
       V gv = vload<true, A>(g + t, L);
       if (t + L > f.n) gv = keep<A>(gv, mask_at<A>(f.tail(f.n - t)));  // lanes past the plane: 0 * inf is nan
       for (int k = 0; k < 4; ++k) {
@@ -1705,14 +1710,14 @@ void backward_flat(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, 
         acc[k] += gv * keep<A>(xk, m);
       }
     }
-    if (gi == 1) {
-      M m = mask_at<A>(mk[corners] + t);
+    if constexpr (Gi == 1) {
+      M m = mask_at<A>(mk[Corners] + t);
       if constexpr (Relu) m &= relu_on<A>(vload<true, A>(x + t, L));
-      put<T, A>(gx, keep<A>(vload<true, A>(g + o[corners] + t, L), m), t, f.n);
-    } else if (gi == 4) {
+      put<T, A>(gx, keep<A>(vload<true, A>(g + o[Corners] + t, L), m), t, f.n);
+    } else if constexpr (Gi == 4) {
       V v{};
       for (int k = 0; k < 4; ++k)
-        v += w[k] * keep<A>(vload<true, A>(g + o[corners + k] + t, L), mask_at<A>(mk[corners + k] + t));
+        v += wk[k] * keep<A>(vload<true, A>(g + o[Corners + k] + t, L), mask_at<A>(mk[Corners + k] + t));
       put<T, A>(gx, v, t, f.n);
     }
   }
@@ -1722,6 +1727,18 @@ void backward_flat(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, 
     s[k] = A(0);
     for (int l = 0; l < L; ++l) s[k] += lanes[l];
   }
+}
+
+template <bool Relu, typename T, typename A>
+void backward_flat(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, int64_t corners,
+                   const A* w, A (&s)[4]) {
+  const int64_t gi = f.taps - corners;
+  if (corners == 4 && gi == 0) return backward_flat_taps<Relu, 4, 0>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 1) return backward_flat_taps<Relu, 4, 1>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 4) return backward_flat_taps<Relu, 4, 4>(gx, g, x, f, c, w, s);
+  if (corners == 0 && gi == 1) return backward_flat_taps<Relu, 0, 1>(gx, g, x, f, c, w, s);
+  if (corners == 0 && gi == 4) return backward_flat_taps<Relu, 0, 4>(gx, g, x, f, c, w, s);
+  TORCH_CHECK(false, "backward_flat: unsupported taps");
 }
 
 // Adds a plane's shift gradient (SSL Eq. 6) from its corner sums S1..S4 (sums of g times the corners Z1..Z4):
@@ -1840,11 +1857,11 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
-      // flat form (stride 1, planes up to `largest`): one pass per plane, the corner taps of q_gs (shift gradient)
+      // flat form (stride 1, planes up to kFlatLargest): one pass per plane, the corner taps of q_gs (shift gradient)
       // then the input gradient's taps
       const int64_t corners = want_gs ? 4 : 0, gi = !want_gx ? 0 : si != nullptr ? 1 : 4;
-      const int64_t largest = si != nullptr ? kFlatInteger : kFlatBilinearBackward;
-      const auto flat = S != 1 ? std::nullopt : flat_taps(C, H, W, corners + gi, largest, [&](int64_t c, int64_t k) {
+      const auto flat = S != 1 ? std::nullopt : flat_taps(C, H, W, corners + gi, kFlatLargest, [&](int64_t c,
+                                                                                                  int64_t k) {
         if (k < corners) return q_gs.corner(c, k);
         const Disp d = si != nullptr ? Disp{si[2 * c], si[2 * c + 1]} : q_gx.corner(c, k - corners);
         return Disp{-d.dy, -d.dx};
@@ -1956,7 +1973,7 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
     using A = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 1, kFlatInteger, [&](int64_t c, int64_t) {
+    const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 1, kFlatLargest, [&](int64_t c, int64_t) {
       return Disp{s[2 * c], s[2 * c + 1]};
     });
     if (flat) {
@@ -2003,7 +2020,7 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     std::vector<double> plane_acc(N * C * 2, 0.0);
-    const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 5, kFlatInteger, [&](int64_t c, int64_t k) {
+    const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 5, kFlatLargest, [&](int64_t c, int64_t k) {
       return k < 4 ? q.corner(c, k) : Disp{-s[2 * c], -s[2 * c + 1]};
     });
     with_stride(stride, [&](auto st) {
