@@ -348,6 +348,17 @@ const T* flat_plane(const T* base, int64_t p, int64_t planes, int64_t n, int64_t
   return scratch.data() + n;
 }
 
+// The flat loops go over whole vectors, body(t, full) for t = 0, L, ... below n: reads are whole vectors (the masks
+// are zero past the plane's end); the last vector, full false where n is not a multiple of L, writes only up to the
+// plane's end. It is peeled off the loop: with its short store inside, the compiler kept the loop's vectors
+// in memory (a plane of 32x32 shifted 1.2-1.4x slower).
+template <int L, typename F>
+inline void for_vectors(int64_t n, const F& body) {
+  int64_t t = 0;
+  for (; t + L <= n; t += L) body(t, std::true_type{});
+  if (t < n) body(t, std::false_type{});
+}
+
 // One NCHW plane. Stride 1 (forward or adjoint: the source and destination planes have one size): the valid rows
 // are one contiguous span of the source (whole rows when dx = 0), copied with one memcpy; with dx != 0 each row's
 // |dx| columns that received a neighbouring row's pixels are zeroed afterwards (the span is still in cache). Short
@@ -381,16 +392,17 @@ void move_flat(U* out, const U* src, const FlatTaps& f, int64_t c) {
   constexpr int64_t L = 32 / sizeof(U);
   const U* s = src + f.off[c];
   const int8_t* m = f.mask[c];
-  for (int64_t t = 0; t < f.n; t += L) {
+  const int64_t n = f.n;
+  for_vectors<L>(n, [&](int64_t t, auto full) {
     V v;
     std::memcpy(&v, s + t, sizeof(v));
     v &= lane_mask<U>(m + t);
-    if (t + L <= f.n) {
+    if constexpr (decltype(full)::value) {
       std::memcpy(out + t, &v, sizeof(v));
     } else {
-      copy_bytes(reinterpret_cast<char*>(out + t), reinterpret_cast<const char*>(&v), (f.n - t) * sizeof(U));
+      copy_bytes(reinterpret_cast<char*>(out + t), reinterpret_cast<const char*>(&v), (n - t) * sizeof(U));
     }
-  }
+  });
 }
 
 template <typename T>
@@ -1640,15 +1652,10 @@ inline typename Vec<A>::M mask_at(const int8_t* m) {
   return lane_mask<typename Vec<A>::U>(m);
 }
 
-// The flat loops go over whole vectors, t = 0, L, ...; reads are whole vectors (the masks are zero past the plane's
-// end), writes of the last vector are cut at the end of the plane.
-template <typename T, typename A>
+// The flat loops' store (for_vectors): a whole vector, or the last one cut at the plane's end.
+template <bool Full, typename T, typename A>
 inline void put(T* p, const typename Vec<A>::V& v, int64_t t, int64_t n) {
-  if (t + Vec<A>::L <= n) {
-    vstore<true, A>(p + t, v, Vec<A>::L);
-  } else {
-    vstore<false, A>(p + t, v, n - t);
-  }
+  vstore<Full, A>(p + t, v, Full ? Vec<A>::L : n - t);
 }
 
 // out = relu of the integer shift of plane z (one tap per channel), SSL Eq. 5 on relu(z).
@@ -1656,10 +1663,11 @@ template <typename T, typename A>
 void relu_shift_flat(T* out, const T* z, const FlatTaps& f, int64_t c) {
   const T* src = z + f.off[c];
   const int8_t* m = f.mask[c];
-  for (int64_t t = 0; t < f.n; t += Vec<A>::L) {
+  const int64_t n = f.n;
+  for_vectors<Vec<A>::L>(n, [&](int64_t t, auto full) {
     const typename Vec<A>::V v = vload<true, A>(src + t, Vec<A>::L);
-    put<T, A>(out, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)), t, f.n);
-  }
+    put<decltype(full)::value, T, A>(out, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)), t, n);
+  });
 }
 
 // Bilinear shift of one plane (ASL Eq. 8-10): out = sum over the corners k of w_k * x at corner k (taps 0-3: the
@@ -1672,11 +1680,12 @@ void bilinear_flat(T* out, const T* x, const FlatTaps& f, int64_t c, const A* w)
   const int8_t* mk[4];
   for (int k = 0; k < 4; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
   const A wk[4] = {w[0], w[1], w[2], w[3]};
-  for (int64_t t = 0; t < f.n; t += L) {
+  const int64_t n = f.n;
+  for_vectors<L>(n, [&](int64_t t, auto full) {
     V acc{};
     for (int k = 0; k < 4; ++k) acc += wk[k] * keep<A>(vload<true, A>(x + o[k] + t, L), mask_at<A>(mk[k] + t));
-    put<T, A>(out, acc, t, f.n);
-  }
+    put<decltype(full)::value, T, A>(out, acc, t, n);
+  });
 }
 
 // Backward of one plane. Taps 0-3 (when `corners` is 4): the corners of the real shift, s[k] = sum g * x at corner
@@ -1698,11 +1707,13 @@ void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_
   const int8_t* mk[Corners + Gi];
   for (int k = 0; k < Corners + Gi; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
   const A wk[4] = {w[0], w[1], w[2], w[3]};
+  const int64_t n = f.n;
   V acc[4] = {};
-  for (int64_t t = 0; t < f.n; t += L) {
+  for_vectors<L>(n, [&](int64_t t, auto full) {
     if constexpr (Corners == 4) {
       V gv = vload<true, A>(g + t, L);
-      if (t + L > f.n) gv = keep<A>(gv, mask_at<A>(f.tail(f.n - t)));  // lanes past the plane: 0 * inf is nan
+      if constexpr (!decltype(full)::value)  // lanes past the plane: 0 * inf is nan
+        gv = keep<A>(gv, mask_at<A>(f.tail(n - t)));
       for (int k = 0; k < 4; ++k) {
         const V xk = vload<true, A>(x + o[k] + t, L);
         M m = mask_at<A>(mk[k] + t);
@@ -1713,14 +1724,14 @@ void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_
     if constexpr (Gi == 1) {
       M m = mask_at<A>(mk[Corners] + t);
       if constexpr (Relu) m &= relu_on<A>(vload<true, A>(x + t, L));
-      put<T, A>(gx, keep<A>(vload<true, A>(g + o[Corners] + t, L), m), t, f.n);
+      put<decltype(full)::value, T, A>(gx, keep<A>(vload<true, A>(g + o[Corners] + t, L), m), t, n);
     } else if constexpr (Gi == 4) {
       V v{};
       for (int k = 0; k < 4; ++k)
         v += wk[k] * keep<A>(vload<true, A>(g + o[Corners + k] + t, L), mask_at<A>(mk[Corners + k] + t));
-      put<T, A>(gx, v, t, f.n);
+      put<decltype(full)::value, T, A>(gx, v, t, n);
     }
-  }
+  });
   for (int k = 0; k < 4; ++k) {
     A lanes[L];
     std::memcpy(lanes, &acc[k], sizeof(lanes));
