@@ -447,7 +447,9 @@ std::vector<Run> runs_of(const Move& m) {
 // channels_last with per-channel shifts (rounded learned shifts: many displacements per vector of channels): one
 // element per channel, each from its own offset (measured faster here than blending whole vectors from 3-8 source
 // pixels, move_nhwc_vec). Needs every axis map to be affine (o -> o*step + base on [lo, hi)): the forward movement
-// and the stride-1 adjoint. Pixels where every channel reads inside the image skip the per-channel checks.
+// and the stride-1 adjoint. Pixels where every channel reads inside the image skip the per-channel checks; there
+// the loads of 16 channels go before their stores: a load-store-load loop ran 1.3-1.5x slower or not depending only
+// on where the code landed in memory (identical instructions in two builds).
 template <typename T>
 bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
   const int64_t C = m.C, step = m.rows[0].sstep;
@@ -469,7 +471,13 @@ bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
       for (int64_t x = 0; x < m.Wd; ++x, d += C) {
         const T* anchor = sn + (y * step * m.Ws + x * step) * C;
         if (y >= y0 && y < y1 && x >= x0 && x < x1) {
-          for (int64_t c = 0; c < C; ++c) d[c] = anchor[off[c]];
+          int64_t c = 0;
+          for (; c + 16 <= C; c += 16) {  // 16 loads, then the stores (below)
+            T v[16];
+            for (int k = 0; k < 16; ++k) v[k] = anchor[off[c + k]];
+            std::memcpy(d + c, v, sizeof(v));
+          }
+          for (; c < C; ++c) d[c] = anchor[off[c]];
         } else {
           for (int64_t c = 0; c < C; ++c) {
             const bool in = y >= rlo[c] && y < rhi[c] && x >= clo[c] && x < chi[c];
