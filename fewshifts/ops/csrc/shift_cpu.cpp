@@ -1696,49 +1696,57 @@ void bilinear_flat(T* out, const T* x, const FlatTaps& f, int64_t c, const A* w)
   });
 }
 
-// Backward of one plane. Taps 0-3 (when `corners` is 4): the corners of the real shift, s[k] = sum g * x at corner
-// k, from which add_corner_sums forms the shift gradient (SSL Eq. 6). The remaining taps give the input gradient
-// gx: one, the inverse rounded shift (SSL Eq. 7), or four, the inverse corners with weights w (the bilinear
-// adjoint); none: no gx. Relu: x = relu(z) for the corners and gx is also zero where z <= 0 (the ReLU's gradient).
+// Backward of one plane. Taps 0-3 (when `corners` is 4): the corners d_k of the real shift, negated. The corner
+// sums of the shift gradient (SSL Eq. 6; add_corner_sums), s[k] = sum_p g[p] x[p + d_k] over the pixels p where
+// the corner lies inside the plane, are taken with q = p + d_k as s[k] = sum_q x[q] g[q - d_k], over the pixels q
+// where tap k reads inside the plane: x is then read once, at q, like the input gradient gx, and when gx is the
+// bilinear adjoint (the same taps) the four masked loads of g serve both. The remaining taps give gx: one, the
+// inverse rounded shift (SSL Eq. 7), or four, the inverse corners with weights w (the bilinear adjoint); none (gx
+// null): no gx. Relu: x = relu(z), and gx is also zero where z <= 0 (the ReLU's gradient).
+// Where x is inf/nan and g's tap is masked out, a lane adds 0 * x = nan, which the direct sum has no term for: the
+// caller recomputes such planes per pixel, as for any non-finite sum, so only the time differs.
 // backward_flat_taps has the tap counts as constants and the taps, masks and weights in locals: the compiler then
 // keeps them in registers (through the tables, it reloaded them after every store, which might alias them: 1.3-1.4x
 // slower).
 template <typename A>
 constexpr A kNoWeights[4] = {};
 
-template <bool Relu, int Corners, int Gi, typename T, typename A>
+template <bool Relu, int Corners, int Gi, bool Shared, typename T, typename A>
 void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, const A* w, A (&s)[4]) {
   using V = typename Vec<A>::V;
   using M = typename Vec<A>::M;
-  constexpr int L = Vec<A>::L;
-  int64_t o[Corners + Gi];
-  const int8_t* mk[Corners + Gi];
-  for (int k = 0; k < Corners + Gi; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
+  constexpr int L = Vec<A>::L, taps = Corners + (Shared ? 0 : Gi);
+  int64_t o[taps];
+  const int8_t* mk[taps];
+  for (int k = 0; k < taps; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
   const A wk[4] = {w[0], w[1], w[2], w[3]};
   const int64_t n = f.n;
   V acc[4] = {};
   for_vectors<L>(n, [&](int64_t t, auto full) {
+    V xv{}, v{};
+    M on{};
+    if constexpr (Corners == 4 || Relu) {
+      xv = vload<true, A>(x + t, L);
+      if constexpr (Corners == 4 && !decltype(full)::value)  // lanes past the plane: 0 * inf is nan
+        xv = keep<A>(xv, mask_at<A>(f.tail(n - t)));
+      if constexpr (Relu) on = relu_on<A>(xv), xv = keep<A>(xv, on);
+    }
     if constexpr (Corners == 4) {
-      V gv = vload<true, A>(g + t, L);
-      if constexpr (!decltype(full)::value)  // lanes past the plane: 0 * inf is nan
-        gv = keep<A>(gv, mask_at<A>(f.tail(n - t)));
       for (int k = 0; k < 4; ++k) {
-        const V xk = vload<true, A>(x + o[k] + t, L);
-        M m = mask_at<A>(mk[k] + t);
-        if constexpr (Relu) m &= relu_on<A>(xk);
-        acc[k] += gv * keep<A>(xk, m);
+        const V gk = keep<A>(vload<true, A>(g + o[k] + t, L), mask_at<A>(mk[k] + t));
+        acc[k] += xv * gk;
+        if constexpr (Shared) v += wk[k] * gk;
       }
     }
     if constexpr (Gi == 1) {
       M m = mask_at<A>(mk[Corners] + t);
-      if constexpr (Relu) m &= relu_on<A>(vload<true, A>(x + t, L));
-      put<decltype(full)::value, T, A>(gx, keep<A>(vload<true, A>(g + o[Corners] + t, L), m), t, n);
-    } else if constexpr (Gi == 4) {
-      V v{};
+      if constexpr (Relu) m &= on;
+      v = keep<A>(vload<true, A>(g + o[Corners] + t, L), m);
+    } else if constexpr (Gi == 4 && !Shared) {
       for (int k = 0; k < 4; ++k)
         v += wk[k] * keep<A>(vload<true, A>(g + o[Corners + k] + t, L), mask_at<A>(mk[Corners + k] + t));
-      put<decltype(full)::value, T, A>(gx, v, t, n);
     }
+    if constexpr (Gi > 0) put<decltype(full)::value, T, A>(gx, v, t, n);
   });
   for (int k = 0; k < 4; ++k) {
     A lanes[L];
@@ -1751,12 +1759,15 @@ void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_
 template <bool Relu, typename T, typename A>
 void backward_flat(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, int64_t corners,
                    const A* w, A (&s)[4]) {
-  const int64_t gi = f.taps - corners;
-  if (corners == 4 && gi == 0) return backward_flat_taps<Relu, 4, 0>(gx, g, x, f, c, w, s);
-  if (corners == 4 && gi == 1) return backward_flat_taps<Relu, 4, 1>(gx, g, x, f, c, w, s);
-  if (corners == 4 && gi == 4) return backward_flat_taps<Relu, 4, 4>(gx, g, x, f, c, w, s);
-  if (corners == 0 && gi == 1) return backward_flat_taps<Relu, 0, 1>(gx, g, x, f, c, w, s);
-  if (corners == 0 && gi == 4) return backward_flat_taps<Relu, 0, 4>(gx, g, x, f, c, w, s);
+  const int64_t gi = gx != nullptr ? f.taps - corners : 0;
+  const int64_t* o = &f.off[c * f.taps];
+  if (corners == 4 && gi == 4 && o[4] == o[0] && o[5] == o[1] && o[6] == o[2] && o[7] == o[3])
+    return backward_flat_taps<Relu, 4, 4, true>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 0) return backward_flat_taps<Relu, 4, 0, false>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 1) return backward_flat_taps<Relu, 4, 1, false>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 4) return backward_flat_taps<Relu, 4, 4, false>(gx, g, x, f, c, w, s);
+  if (corners == 0 && gi == 1) return backward_flat_taps<Relu, 0, 1, false>(gx, g, x, f, c, w, s);
+  if (corners == 0 && gi == 4) return backward_flat_taps<Relu, 0, 4, false>(gx, g, x, f, c, w, s);
   TORCH_CHECK(false, "backward_flat: unsupported taps");
 }
 
@@ -1876,13 +1887,13 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
-      // flat form (stride 1, planes up to kFlatLargest): one pass per plane, the corner taps of q_gs (shift gradient)
-      // then the input gradient's taps
+      // flat form (stride 1, planes up to kFlatLargest): one pass per plane, the negated corners of q_gs (shift
+      // gradient) then the input gradient's taps
       const int64_t corners = want_gs ? 4 : 0, gi = !want_gx ? 0 : si != nullptr ? 1 : 4;
       const auto flat = S != 1 ? std::nullopt : flat_taps(C, H, W, corners + gi, kFlatLargest, [&](int64_t c,
                                                                                                   int64_t k) {
-        if (k < corners) return q_gs.corner(c, k);
-        const Disp d = si != nullptr ? Disp{si[2 * c], si[2 * c + 1]} : q_gx.corner(c, k - corners);
+        const Disp d = k < corners ? q_gs.corner(c, k)
+                       : si != nullptr ? Disp{si[2 * c], si[2 * c + 1]} : q_gx.corner(c, k - corners);
         return Disp{-d.dy, -d.dx};
       });
       // planes in memory order; per-plane shift gradients are summed over n afterwards (deterministic)
@@ -2040,7 +2051,8 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     std::vector<double> plane_acc(N * C * 2, 0.0);
     const auto flat = stride != 1 ? std::nullopt : flat_taps(C, H, W, 5, kFlatLargest, [&](int64_t c, int64_t k) {
-      return k < 4 ? q.corner(c, k) : Disp{-s[2 * c], -s[2 * c + 1]};
+      const Disp d = k < 4 ? q.corner(c, k) : Disp{s[2 * c], s[2 * c + 1]};
+      return Disp{-d.dy, -d.dx};
     });
     with_stride(stride, [&](auto st) {
       constexpr int S = decltype(st)::value;
