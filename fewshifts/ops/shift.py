@@ -61,9 +61,12 @@ def _check_finite(shifts: Tensor, name: str) -> None:
 
 
 def _clamp_to_image(shifts: Tensor, height: int, width: int, stride: int) -> Tensor:
-    """Shifts beyond the image give all-zero channels; clamping keeps the integers small and exact."""
-    limit = shifts.new_tensor([stride * height + 1, stride * width + 1])
-    return torch.maximum(torch.minimum(shifts, limit), -limit)
+    """Shifts beyond the image give all-zero channels; clamping keeps the integers small and exact.
+
+    One bound for both axes (one op: this runs on every call): a shift clamped to it is still beyond the image.
+    """
+    limit = stride * max(height, width) + 1
+    return shifts.clamp(-limit, limit)
 
 
 def round_shifts(shifts: Tensor) -> Tensor:
