@@ -253,6 +253,30 @@ def test_bilinear_non_finite_like_reference(kernels, plane_form, layout):
     torch.testing.assert_close(gs, ref_gs, equal_nan=True, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bfloat16_outputs_are_float32_results_rounded(kernels, plane_form, layout):
+    """bfloat16 kernels compute in float32 and round on store as torch does (to nearest even; inf kept): the same
+    bits as the float32 kernels on the widened inputs, rounded by ``.bfloat16()``, and nan at the same places (the
+    kernels store c10's 0x7FC0, torch's vectorized cast may keep another nan payload)."""
+    x = torch.randn(2, 20, 9, 13) * 50
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38])
+    x = _layout(x, layout).bfloat16()
+    grad = _layout(torch.randn(2, 20, 9, 13), layout)
+    grad[1, 3, 4, 5] = float("nan")
+    grad = grad.bfloat16()
+    real = torch.rand(20, 2) * 4 - 2
+
+    def same(a, b):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(0.0).view(torch.int16), b.nan_to_num(0.0).view(torch.int16))
+
+    same(kernels.bilinear_forward(x, real, 1), kernels.bilinear_forward(x.float(), real, 1).bfloat16())
+    rounded = real.round()
+    same(kernels.relu_shift_forward(x, rounded, 1), kernels.relu_shift_forward(x.float(), rounded, 1).bfloat16())
+    same(kernels.bilinear_backward_input(grad, real, 1, 9, 13),
+         kernels.bilinear_backward_input(grad.float(), real, 1, 9, 13).bfloat16())
+
+
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
 def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)

@@ -1257,6 +1257,21 @@ template <bool Full, typename A, typename T>
 inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   if constexpr (Full && std::is_same<A, T>::value) {
     std::memcpy(p, &v, sizeof(v));
+  } else if constexpr (Full && std::is_same<T, c10::BFloat16>::value && std::is_same<A, float>::value) {
+    // c10's float -> bfloat16 rounding (to nearest even; NaN -> 0x7FC0) on 8 lanes at once
+    typedef uint32_t U __attribute__((vector_size(32)));
+    typedef uint16_t H __attribute__((vector_size(16)));
+    U u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U nan = reinterpret_cast<U>(v != v);
+    u = (((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & ~nan) | (U{} + 0x7FC0 & nan);
+#ifdef __AVX2__  // values fit 16 bits: unsigned saturation packs them exactly (the generic conversion is scalar)
+    const __m256i w = reinterpret_cast<__m256i>(u);
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+#else
+    const H h = __builtin_convertvector(u, H);
+#endif
+    std::memcpy(p, &h, sizeof(h));
   } else {
     A t[Vec<A>::L];
     std::memcpy(t, &v, sizeof(v));
