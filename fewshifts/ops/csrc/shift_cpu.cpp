@@ -1260,7 +1260,6 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   } else if constexpr (Full && std::is_same<T, c10::BFloat16>::value && std::is_same<A, float>::value) {
     // c10's float -> bfloat16 rounding (to nearest even; NaN -> 0x7FC0) on 8 lanes at once
     typedef uint32_t U __attribute__((vector_size(32)));
-    typedef uint16_t H __attribute__((vector_size(16)));
     U u;
     std::memcpy(&u, &v, sizeof(u));
     const U nan = reinterpret_cast<U>(v != v);
@@ -1269,6 +1268,7 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
     const __m256i w = reinterpret_cast<__m256i>(u);
     const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 #else
+    typedef uint16_t H __attribute__((vector_size(16)));
     const H h = __builtin_convertvector(u, H);
 #endif
     std::memcpy(p, &h, sizeof(h));
