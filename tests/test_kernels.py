@@ -36,6 +36,15 @@ def plane_form(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["regular", "stream"])
+def stores(request, monkeypatch):
+    """channels_last integer kernels with ordinary or non-temporal stores (FEWSHIFTS_STREAM: 0 or 1; by default they
+    stream only when input and output together exceed the last-level cache, and only where the pixels are whole
+    32-byte vectors)."""
+    monkeypatch.setenv("FEWSHIFTS_STREAM", "0" if request.param == "regular" else "1")
+    return request.param
+
+
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -162,7 +171,7 @@ def test_flat_kernels_with_shifts_spread_over_many_displacements(kernels):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels", [320, 20, 96, 100])
-def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
+def test_integer_kernels_long_and_short_channel_runs(kernels, stores, stride, channels):
     """channels_last copies runs of channels sharing a shift (grouped shifts, 320 channels: runs of 35) or, for
     short runs (20 channels: runs of 2), channel by channel, or for runs of about a vector (96 and 100 channels:
     runs of 10-11, a partial last vector) whole vectors selecting from two source pixels; all against the
@@ -178,12 +187,30 @@ def test_integer_kernels_long_and_short_channel_runs(kernels, stride, channels):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_integer_vector_kernel_mixed_displacement_counts(kernels, dtype, stride):
+def test_integer_kernels_per_channel_shifts(kernels, stores, dtype, stride):
+    """channels_last with its own shift in [-1, 1]^2 for each channel (rounded learned shifts: moved channel by
+    channel), 48 channels (pixels of whole vectors, so the stores can stream); interior and border pixels against
+    the reference."""
+    g = torch.Generator().manual_seed(3)
+    shifts = torch.randint(-1, 2, (48, 2), generator=g)
+    x = torch.randn(2, 48, 6, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = kernels.shift_forward(x, shifts, stride)
+    assert torch.equal(out, reference.shift_forward(x, shifts, stride))
+    grad = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    ref = reference.shift_backward(grad, shifts, stride, 6, 7)
+    assert torch.equal(kernels.shift_backward(grad, shifts, stride, 6, 7), ref)
+
+
+@pytest.mark.parametrize("tail", [3, 0])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_vector_kernel_mixed_displacement_counts(kernels, stores, dtype, stride, tail):
     """channels_last integer kernel on whole vectors (16 bf16 / 8 float / 4 double lanes): mostly runs of one
-    displacement, plus vectors with 2, 3 and as many displacements as lanes (more than 8 for bf16), and a short last
-    vector with 3; every vector class and the checked border columns, against the reference."""
+    displacement, plus vectors with 2, 3 and as many displacements as lanes (more than 8 for bf16), and a last vector
+    with 3 (short: `tail` channels; else whole, so that pixels are whole vectors and the stores can stream); every
+    vector class and the checked border columns, against the reference."""
     lanes = {torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}[dtype]
-    C = 40 * 16 + 3
+    C = 40 * 16 + tail
     shifts = torch.tensor([1, -1]).repeat(C, 1)
     grid = torch.tensor([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (1, -1)])
     shifts[:lanes] = grid[:lanes]  # vector 0: one displacement per lane

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <unistd.h>
 #include <limits>
 #include <map>
 #include <optional>
@@ -129,6 +130,52 @@ inline void copy_long(char* __restrict__ d, const char* __restrict__ s, size_t n
 template <typename T>
 void copy_long_n(T* dst, const T* src, int64_t n) {
   copy_long(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
+}
+
+// A 32-byte store; with Stream a non-temporal one (d 32-byte aligned), which writes the line without first reading
+// it into the caches. For outputs too large to stay cached: a memory-bound kernel then moves 2 bytes per byte of
+// output instead of 3 (read source, read for ownership, write back). Needs a store fence before the data is used
+// (stream_fence, at the end of each parallel work item).
+template <bool Stream>
+inline void put32(char* d, const void* v) {
+#ifdef __AVX2__
+  if constexpr (Stream) {
+    __m256i w;
+    std::memcpy(&w, v, 32);
+    return _mm256_stream_si256(reinterpret_cast<__m256i*>(d), w);
+  }
+#endif
+  std::memcpy(d, v, 32);
+}
+
+template <bool Stream>
+inline void stream_fence() {
+#ifdef __AVX2__
+  if constexpr (Stream) _mm_sfence();
+#endif
+}
+
+// copy_long with non-temporal stores where d and n are multiples of 32 bytes (else copy_long).
+template <bool Stream, typename T>
+void copy_long_put(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const size_t bytes = n * sizeof(T);
+  if (!Stream || ((reinterpret_cast<uintptr_t>(d) | bytes) & 31) != 0) return copy_long(d, s, bytes);
+  for (size_t k = 0; k < bytes; k += 32) put32<Stream>(d + k, s + k);
+}
+
+// Whether a kernel writing `bytes` of output (reading about as many) should stream its stores: when input and output
+// together exceed the last-level cache, so the output would not stay cached for its consumer anyway.
+// FEWSHIFTS_STREAM=0 / =1 overrides (never / always; the tests cover both).
+inline bool stream_output(int64_t bytes) {
+  static const int64_t llc = [] {
+    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{16} << 20;
+  }();
+  const char* e = std::getenv("FEWSHIFTS_STREAM");
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  return 2 * bytes > llc;
 }
 
 template <typename T>
@@ -450,8 +497,8 @@ std::vector<Run> runs_of(const Move& m) {
 // and the stride-1 adjoint. Pixels where every channel reads inside the image skip the per-channel checks; there
 // the loads of 16 channels go before their stores: a load-store-load loop ran 1.3-1.5x slower or not depending only
 // on where the code landed in memory (identical instructions in two builds).
-template <typename T>
-bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
+template <bool Stream, typename T>
+bool move_nhwc_channels_as(const T* src, T* dst, const Move& m) {
   const int64_t C = m.C, step = m.rows[0].sstep;
   std::vector<int64_t> rlo(C), rhi(C), rb(C), clo(C), chi(C), cb(C), off(C);
   int64_t y0 = 0, y1 = m.Hd, x0 = 0, x1 = m.Wd;
@@ -475,7 +522,8 @@ bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
           for (; c + 16 <= C; c += 16) {  // 16 loads, then the stores (below)
             T v[16];
             for (int k = 0; k < 16; ++k) v[k] = anchor[off[c + k]];
-            std::memcpy(d + c, v, sizeof(v));
+            for (size_t b = 0; b < sizeof(v); b += 32)
+              put32<Stream>(reinterpret_cast<char*>(d + c) + b, reinterpret_cast<const char*>(v) + b);
           }
           for (; c < C; ++c) d[c] = anchor[off[c]];
         } else {
@@ -486,8 +534,17 @@ bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
         }
       }
     }
+    stream_fence<Stream>();
   });
   return true;
+}
+
+template <typename T>
+bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
+  const bool whole = (reinterpret_cast<uintptr_t>(dst) | (m.C * sizeof(T))) % 32 == 0;  // pixels of whole vectors
+  if (whole && stream_output(m.N * m.Hd * m.Wd * m.C * static_cast<int64_t>(sizeof(T))))
+    return move_nhwc_channels_as<true>(src, dst, m);
+  return move_nhwc_channels_as<false>(src, dst, m);
 }
 
 // channels_last: each output pixel is a sequence of runs, each copied from its own source pixel or zero-filled (the
@@ -535,7 +592,7 @@ void move_nhwc(const T* src, T* dst, const Move& m) {
 // hardware prefetcher does not follow (without it, 1.5-2x slower). Returns false (nothing done) for the stride-2
 // adjoint and for per-channel shifts (move_nhwc_channels).
 // acc |= (lanes of the K sources at column offset jo) & mask, for n vectors of K displacements each.
-template <int K, typename U, typename VU>
+template <int K, bool Stream, typename U, typename VU>
 inline void blend_vectors(const U* const* ptr, const VU* mask, const int64_t* c0, int64_t n, int64_t jo, U* o) {
   for (int64_t v = 0; v < n; ++v, ptr += K, mask += K) {
     VU acc{};
@@ -544,12 +601,13 @@ inline void blend_vectors(const U* const* ptr, const VU* mask, const int64_t* c0
       std::memcpy(&a, ptr[t] + jo, sizeof(a));
       acc |= a & mask[t];
     }
-    std::memcpy(o + c0[v], &acc, sizeof(acc));
+    put32<Stream>(reinterpret_cast<char*>(o + c0[v]), &acc);
   }
 }
 
-template <typename U>
-bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
+// Stream: non-temporal stores for the interior pixels (put32; dst and the pixel stride 32-byte aligned).
+template <bool Stream, typename U>
+bool move_nhwc_vec_as(const U* src, U* dst, const Move& m) {
   using VU = typename UVec<U>::V;
   constexpr int64_t L = 32 / sizeof(U);
   const int64_t C = m.C, S = m.rows[0].sstep;
@@ -685,7 +743,8 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
           }
         const int64_t jo = j * S * C;
         U* o = orow + j * C;
-        for (int64_t r = 0; r < nruns; ++r) copy_long_n(o + items[r].c0, ptr[items[r].e0] + jo, items[r].len);
+        for (int64_t r = 0; r < nruns; ++r)
+          copy_long_put<Stream>(o + items[r].c0, ptr[items[r].e0] + jo, items[r].len);
         for (int64_t k = 2; k <= L; ++k) {
           const int64_t b = class_begin[k], n = class_begin[k + 1] - b;
           if (n == 0) continue;
@@ -693,13 +752,13 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
           const VU* mk = masks.data() + items[b].e0;
           const int64_t* c0 = vec_c0.data() + (b - nruns);
           switch (k) {
-            case 2: blend_vectors<2>(p, mk, c0, n, jo, o); break;
-            case 3: blend_vectors<3>(p, mk, c0, n, jo, o); break;
-            case 4: blend_vectors<4>(p, mk, c0, n, jo, o); break;
-            case 5: blend_vectors<5>(p, mk, c0, n, jo, o); break;
-            case 6: blend_vectors<6>(p, mk, c0, n, jo, o); break;
-            case 7: blend_vectors<7>(p, mk, c0, n, jo, o); break;
-            case 8: blend_vectors<8>(p, mk, c0, n, jo, o); break;
+            case 2: blend_vectors<2, Stream>(p, mk, c0, n, jo, o); break;
+            case 3: blend_vectors<3, Stream>(p, mk, c0, n, jo, o); break;
+            case 4: blend_vectors<4, Stream>(p, mk, c0, n, jo, o); break;
+            case 5: blend_vectors<5, Stream>(p, mk, c0, n, jo, o); break;
+            case 6: blend_vectors<6, Stream>(p, mk, c0, n, jo, o); break;
+            case 7: blend_vectors<7, Stream>(p, mk, c0, n, jo, o); break;
+            case 8: blend_vectors<8, Stream>(p, mk, c0, n, jo, o); break;
             default:  // more than 8 displacements per vector (16-bit lanes only)
               for (int64_t v = b; v < b + n; ++v) checked(j, items[v]);
           }
@@ -707,8 +766,17 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
         for (size_t v = nruns + nvecs; v < items.size(); ++v) checked(j, items[v]);
       }
     }
+    stream_fence<Stream>();
   });
   return true;
+}
+
+template <typename U>
+bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(dst) | (m.C * sizeof(U))) % 32 == 0;
+  if (aligned && stream_output(m.N * m.Hd * m.Wd * m.C * static_cast<int64_t>(sizeof(U))))
+    return move_nhwc_vec_as<true>(src, dst, m);
+  return move_nhwc_vec_as<false>(src, dst, m);
 }
 
 template <typename F>
