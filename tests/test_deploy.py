@@ -223,6 +223,30 @@ def test_bench_smoke(tmp_path):
         run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)
 
 
+def test_bench_dw_ratio_bounds_arithmetic():
+    """The bound on deployed FE-Net (90%) / FE-Net (DW): shared 1x1 convs at matrix-product speed (t1), then
+    everything else as measured, or (floor) only FE-Net (DW)'s depthwise convs (its spatial convs less the stem)."""
+    from fewshifts.deploy.bench import conv1x1_madds, dw_ratio_bounds, to_markdown
+
+    ssl, dw = "FE-Net 1.0x SSL, 90% unshifted", "FE-Net 1.0x DW"
+    results = dict(breakdown_batch=32, sgemm_gflops=150.0, conv1x1_madds={ssl: 300e6, dw: 300e6},
+                   breakdown={ssl: {"1x1 conv": 0.16, "spatial conv": 0.004, "shift": 0.008, "pool": 0.012},
+                              dw: {"1x1 conv": 0.16, "spatial conv": 0.034, "pool": 0.012}})
+    b = dw_ratio_bounds(results)
+    t1 = 32 * 300e6 * 2 / 150e9  # 0.128 s
+    assert b["t1"] == pytest.approx(t1)
+    assert b["with_rest"] == pytest.approx((t1 + 0.024) / (t1 + 0.046))
+    assert b["floor"] == pytest.approx(t1 / (t1 + 0.030))
+    results.update(rows=[], date="d", machine="m", threads=2, allocator="a", torch="t", shift_backend="cpp", size=224,
+                   repeats=1)
+    text = to_markdown(results, "test")
+    assert "| everything else in FE-Net SSL free (floor) | 0.81x |" in text
+    assert dw_ratio_bounds({**results, "breakdown": {}}) is None
+    # a 1x1 conv of 4 -> 6 channels on 5x5 pixels, and one of 6 -> 2 (grouped in 2): 4*6*25 + 3*2*25 MAdds
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 1), nn.Conv2d(6, 2, 1, groups=2))
+    assert conv1x1_madds(net, 5) == 4 * 6 * 25 + 3 * 2 * 25
+
+
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 @pytest.mark.parametrize("pattern", ["sparse", "all shifted", "far", "none"])
 def test_integer_shift_direct_kernel_call_matches_op(pattern, layout):

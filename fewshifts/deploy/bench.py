@@ -22,7 +22,8 @@ from fewshifts.deploy.modules import ConvAct, IntegerShift, Subsample, write_bac
 from fewshifts.deploy.synthetic import random_shift_pattern_, randomize_batchnorm_
 from fewshifts.layers import ShiftLayer
 
-__all__ = ["BenchCase", "default_cases", "interleaved_times", "operator_breakdown", "run_benchmark", "OP_TYPES"]
+__all__ = ["BenchCase", "default_cases", "dw_ratio_bounds", "interleaved_times", "operator_breakdown", "run_benchmark",
+           "OP_TYPES"]
 
 OP_TYPES = ("1x1 conv", "spatial conv", "shift", "BN/ReLU", "add", "pool", "concat/split", "fc/other")
 
@@ -158,6 +159,38 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 matrix-multiply throughput (GFLOP/s) at the current thread count: the best of ``repeats``
+    n x n x n products. What a 1x1 convolution (a matrix product) can reach at most on this CPU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def conv1x1_madds(model: nn.Module, size: int) -> int:
+    """Multiply-adds of ``model``'s 1x1 convolutions for one ``size`` x ``size`` image."""
+    total = 0
+
+    def count(module: nn.Conv2d, inputs, output: Tensor) -> None:
+        nonlocal total
+        total += output[0].numel() * module.in_channels // module.groups
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
 def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...] = (1, 32), size: int = 224,
                   threads: int = 2, repeats: int = 5, onnx: bool = True, breakdown_batch: int = 32,
                   log: Callable[[str], None] = print) -> dict:
@@ -173,7 +206,8 @@ def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...]
     results = dict(rows=[], breakdown={}, size=size, threads=threads, repeats=repeats,
                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    machine=f"{cpu_name()}, {os.cpu_count()} logical CPUs visible", allocator=allocator(),
-                   torch=torch.__version__, shift_backend=name_for(torch.zeros(1)))
+                   torch=torch.__version__, shift_backend=name_for(torch.zeros(1)),
+                   breakdown_batch=breakdown_batch, sgemm_gflops=sgemm_gflops(), conv1x1_madds={})
     try:
         import onnxruntime
 
@@ -184,6 +218,7 @@ def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...]
         forms = {}  # (label, form) -> callable
         for case in cases:
             model = case.build()
+            results["conv1x1_madds"][case.label] = conv1x1_madds(model, size)
             with torch.inference_mode(False), torch.no_grad():
                 deployed = deploy(model, example_input=torch.randn(1, 3, size, size))
             forms[case.label, "eager"], forms[case.label, "deployed"] = model, deployed
@@ -253,6 +288,28 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
     return checks
 
 
+def dw_ratio_bounds(results: dict) -> dict | None:
+    """How low deployed FE-Net (90%) / FE-Net (DW) could go on this CPU (the 0.75x target of :func:`targets`).
+
+    Both nets have the same 1x1 convolutions, which a matrix product's speed (``sgemm_gflops``) bounds from below:
+    ``t1`` seconds at the breakdown batch. ``with_rest`` keeps everything else as measured in the breakdown (shifts,
+    depthwise convs, pools, adds); ``floor`` also makes everything in FE-Net SSL but its 1x1 convs free and keeps
+    only FE-Net (DW)'s depthwise convs (its spatial convs less the stem, which SSL has too) beside its 1x1 convs:
+    t1 / (t1 + depthwise). The ratio grows with the shared time, so no faster kernel gets below ``floor``.
+    """
+    ssl90, dw = "FE-Net 1.0x SSL, 90% unshifted", "FE-Net 1.0x DW"
+    a, b = results["breakdown"].get(ssl90), results["breakdown"].get(dw)
+    madds = results.get("conv1x1_madds", {}).get(ssl90)
+    if not a or not b or not madds or not results.get("sgemm_gflops"):
+        return None
+    t1 = results["breakdown_batch"] * madds * 2 / (results["sgemm_gflops"] * 1e9)
+    rest_ssl = sum(a.values()) - a.get("1x1 conv", 0.0)
+    rest_dw = sum(b.values()) - b.get("1x1 conv", 0.0)
+    depthwise = b.get("spatial conv", 0.0) - a.get("spatial conv", 0.0)
+    return dict(t1=t1, with_rest=(t1 + rest_ssl) / (t1 + rest_dw), floor=t1 / (t1 + depthwise),
+                measured_1x1=a.get("1x1 conv", 0.0), depthwise=depthwise)
+
+
 def to_markdown(results: dict, command: str) -> str:
     """The latency report (``docs/benchmarks/latency.md``)."""
     has_ort = any("onnxruntime_ms" in r for r in results["rows"])
@@ -289,4 +346,17 @@ def to_markdown(results: dict, command: str) -> str:
             total = sum(parts.values())
             cells = " | ".join(f"{parts.get(k, 0.0) / total:.1%}" for k in OP_TYPES)
             lines.append(f"| {label} | {cells} | {1e3 * total:.1f} |")
+    bounds = dw_ratio_bounds(results)
+    if bounds:
+        batch, gflops = results["breakdown_batch"], results["sgemm_gflops"]
+        lines += ["", "## What this CPU allows for FE-Net (90%) / FE-Net (DW)", "",
+                  f"float32 matrix product here: {gflops:.0f} GFLOP/s (2048^3, best of 5, same process). FE-Net "
+                  f"1.0x's 1x1 convolutions ({results['conv1x1_madds']['FE-Net 1.0x SSL, 90% unshifted'] / 1e6:.1f}M "
+                  f"MAdds per image, the same in both nets) take at least {1e3 * bounds['t1']:.1f} ms at batch {batch} "
+                  f"at that speed (measured: {1e3 * bounds['measured_1x1']:.1f} ms); FE-Net (DW)'s depthwise convs "
+                  f"take {1e3 * bounds['depthwise']:.1f} ms.", "",
+                  "| 1x1 convs at matrix-product speed, and | deployed FE-Net (90%) / FE-Net (DW) at best |",
+                  "|---|---:|",
+                  f"| everything else as measured above | {bounds['with_rest']:.2f}x |",
+                  f"| everything else in FE-Net SSL free (floor) | {bounds['floor']:.2f}x |"]
     return "\n".join(lines) + "\n"
