@@ -187,6 +187,22 @@ def test_integer_kernels_long_and_short_channel_runs(kernels, stores, stride, ch
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_kernels_whole_line_runs(kernels, stores, dtype, stride):
+    """channels_last runs of 16 channels per displacement (whole 64-byte lines in float32 and float64: with streaming
+    stores at stride 1 the movement runs in source order), the nine 3x3 displacements, one beyond the image and two
+    far enough to empty a border band; forward and inverse shift against the reference."""
+    grid = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)] + [(9, -1), (2, -3)]
+    shifts = torch.tensor(grid).repeat_interleave(16, dim=0)
+    x = torch.randn(3, len(shifts), 6, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = kernels.shift_forward(x, shifts, stride)
+    assert torch.equal(out, reference.shift_forward(x, shifts, stride))
+    grad = torch.randn_like(out)
+    ref = reference.shift_backward(grad, shifts, stride, 6, 7)
+    assert torch.equal(kernels.shift_backward(grad, shifts, stride, 6, 7), ref)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_kernels_per_channel_shifts(kernels, stores, dtype, stride):
     """channels_last with its own shift in [-1, 1]^2 for each channel (rounded learned shifts: moved channel by
     channel), 48 channels (pixels of whole vectors, so the stores can stream); interior and border pixels against
