@@ -185,6 +185,21 @@ def test_integer_kernels_long_and_short_channel_runs(kernels, stores, stride, ch
     assert torch.equal(kernels.shift_backward(g, shifts, stride, 5, 6), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_kernels_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
+    """NCHW planes of 8x8 and 8x12 pixels (whole 32-byte vectors: with streaming stores the flat kernel writes them
+    non-temporally), shifts of up to 2 pixels and beyond the image, forward and inverse shift against the
+    reference."""
+    g = torch.Generator().manual_seed(5)
+    for h, w in [(8, 8), (8, 12)]:
+        shifts = torch.randint(-2, 3, (40, 2), generator=g)
+        shifts[3], shifts[4] = torch.tensor([h + 1, 0]), torch.tensor([0, -(w + 3)])
+        x = torch.randn(3, 40, h, w, generator=g).to(dtype)
+        out = kernels.shift_forward(x, shifts, 1)
+        assert torch.equal(out, reference.shift_forward(x, shifts, 1))
+        assert torch.equal(kernels.shift_backward(x, shifts, 1, h, w), reference.shift_backward(x, shifts, 1, h, w))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_kernels_whole_line_runs(kernels, stores, dtype, stride):
