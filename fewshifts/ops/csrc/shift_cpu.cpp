@@ -9,7 +9,8 @@
 // not also contiguous, else NCHW); the output has the same format. NCHW kernels work plane by plane, row by
 // row (memcpy / vectorisable loops over padded rows); channels_last kernels work pixel by pixel, over runs of
 // channels that share a displacement or channel by channel (integer), or over per-block lists of the corner
-// displacements in use (bilinear). All are parallel over planes or rows (at::parallel_for).
+// displacements in use (bilinear). All are parallel over planes or rows (at::parallel_for). Integer kernels whose
+// output exceeds the last-level cache write it with non-temporal stores (stream_output).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,10 +20,10 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
-#include <string>
 #include <limits>
 #include <map>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -190,6 +191,14 @@ inline bool stream_output(int64_t bytes) {
   const char* e = std::getenv("FEWSHIFTS_STREAM");
   if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
   return bytes > llc;
+}
+
+// stream_output for `count` blocks of `len` elements at dst (NCHW planes, or channels_last pixels) written as whole
+// 32-byte vectors: every block must start on a 32-byte boundary.
+template <typename T>
+bool stream_blocks(const T* dst, int64_t count, int64_t len) {
+  return (reinterpret_cast<uintptr_t>(dst) | (len * sizeof(T))) % 32 == 0 &&
+         stream_output(count * len * static_cast<int64_t>(sizeof(T)));
 }
 
 template <typename T>
@@ -478,8 +487,7 @@ void move_nchw(const T* src, T* dst, const Move& m) {
     return r.count > 0 && k.count > 0 ? Disp{r.s0 - r.o0, k.s0 - k.o0} : Disp{m.Hd, 0};
   }) : std::nullopt;
   if (f) {
-    const int64_t bytes = m.N * m.C * n * static_cast<int64_t>(sizeof(T));
-    const bool stream = (reinterpret_cast<uintptr_t>(dst) | (n * sizeof(T))) % 32 == 0 && stream_output(bytes);
+    const bool stream = stream_blocks(dst, m.N * m.C, n);
     parallel(m.N * m.C, n, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch;
       for (int64_t p = begin, c = begin % m.C; p < end; ++p, c = c + 1 < m.C ? c + 1 : 0) {
@@ -561,9 +569,7 @@ bool move_nhwc_channels_as(const T* src, T* dst, const Move& m) {
 
 template <typename T>
 bool move_nhwc_channels(const T* src, T* dst, const Move& m) {
-  const bool whole = (reinterpret_cast<uintptr_t>(dst) | (m.C * sizeof(T))) % 32 == 0;  // pixels of whole vectors
-  if (whole && stream_output(m.N * m.Hd * m.Wd * m.C * static_cast<int64_t>(sizeof(T))))
-    return move_nhwc_channels_as<true>(src, dst, m);
+  if (stream_blocks(dst, m.N * m.Hd * m.Wd, m.C)) return move_nhwc_channels_as<true>(src, dst, m);
   return move_nhwc_channels_as<false>(src, dst, m);
 }
 
@@ -793,9 +799,7 @@ bool move_nhwc_vec_as(const U* src, U* dst, const Move& m) {
 
 template <typename U>
 bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
-  const bool aligned = (reinterpret_cast<uintptr_t>(dst) | (m.C * sizeof(U))) % 32 == 0;
-  if (aligned && stream_output(m.N * m.Hd * m.Wd * m.C * static_cast<int64_t>(sizeof(U))))
-    return move_nhwc_vec_as<true>(src, dst, m);
+  if (stream_blocks(dst, m.N * m.Hd * m.Wd, m.C)) return move_nhwc_vec_as<true>(src, dst, m);
   return move_nhwc_vec_as<false>(src, dst, m);
 }
 
@@ -804,8 +808,9 @@ bool move_nhwc_vec(const U* src, U* dst, const Move& m) {
 // movement in source order. Each work item reads one source row in memory order, a single stream the hardware
 // prefetcher follows, and writes every run of each pixel to its output pixel with non-temporal stores, whole lines
 // that need no read for ownership; the output pixels that read outside the image are zeroed by the item that owns
-// their row. Each output line is written once, by one item. (In output order the reads alternate between three
-// source rows and neighbouring pixels: 1.2-1.3x `x.clone()` with streaming stores, against 0.94-0.99x here.)
+// their row. Each output line is written once, by one item. (In output order, move_nhwc_vec, the reads alternate
+// between three source rows and neighbouring pixels: 1.37-1.46x `x.clone()` at 576 and 1152 channels, 0.93-1.02x
+// here; docs/benchmarks/ops_notes.md.)
 // Returns false (nothing done) when these conditions do not hold.
 template <typename U>
 bool move_nhwc_lines(const U* src, U* dst, const Move& m) {
