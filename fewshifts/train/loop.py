@@ -261,6 +261,8 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 eval_batch_size=cfg["eval_batch_size"], steps=total))
             write_summary(out / "summary.json", summary)
             print(summary_line(summary), flush=True)
+        if world > 1:  # no rank tears its process group down while rank 0 still writes the records
+            dist.barrier()
         return summary or {}
     finally:
         if world > 1 and dist.is_initialized():
