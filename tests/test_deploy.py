@@ -226,9 +226,9 @@ def test_bench_smoke(tmp_path):
 def test_bench_dw_ratio_bounds_arithmetic():
     """The bound on deployed FE-Net (90%) / FE-Net (DW): shared 1x1 convs at matrix-product speed (t1), then
     everything else as measured, or (floor) only FE-Net (DW)'s depthwise convs (its spatial convs less the stem)."""
-    from fewshifts.deploy.bench import conv1x1_madds, dw_ratio_bounds, to_markdown
+    from fewshifts.deploy.bench import DW, SSL90, conv1x1_madds, dw_ratio_bounds, to_markdown
 
-    ssl, dw = "FE-Net 1.0x SSL, 90% unshifted", "FE-Net 1.0x DW"
+    ssl, dw = SSL90, DW
     results = dict(breakdown_batch=32, sgemm_gflops=150.0, conv1x1_madds={ssl: 300e6, dw: 300e6},
                    breakdown={ssl: {"1x1 conv": 0.16, "spatial conv": 0.004, "shift": 0.008, "pool": 0.012},
                               dw: {"1x1 conv": 0.16, "spatial conv": 0.034, "pool": 0.012}})
