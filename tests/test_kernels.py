@@ -311,6 +311,34 @@ def test_bilinear_non_finite_like_reference(kernels, plane_form, layout):
     torch.testing.assert_close(gs, ref_gs, equal_nan=True, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("reach", [1.0, 2.0])
+def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stride, reach):
+    """channels_last kernels that weigh all taps of a window per channel (the separable forward and input gradient for
+    shifts within a pixel, the separable shift gradient within two): a channel's 0 * inf at taps it does not use is
+    recomputed from its own corners, so inf/nan land where the reference puts them."""
+    g = torch.Generator().manual_seed(int(reach * 10) + stride)
+    x = torch.randn(2, 24, 7, 9, generator=g)
+    x[0, :, 3, 4] = float("inf")
+    x[1, :5, 0, 8] = float("nan")
+    x[1, 5:, 6, 0] = -float("inf")
+    x = x.contiguous(memory_format=torch.channels_last)
+    real = (torch.rand(24, 2, generator=g) * 2 - 1) * reach
+    real[:6] = torch.round(real[:6])  # integral: corner weights 0
+    Ho, Wo = reference.output_size(7, stride), reference.output_size(9, stride)
+    grad = torch.randn(2, 24, Ho, Wo, generator=g)
+    grad[0, 7, 1, 2] = float("nan")
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(kernels.bilinear_forward(x, real, stride), reference.bilinear_forward(x, real, stride),
+                               equal_nan=True)
+    gx, gs = kernels.bilinear_backward(grad, x, real, stride)
+    ref_gx, ref_gs = reference.bilinear_backward(grad, x, real, stride)
+    torch.testing.assert_close(gx, ref_gx, equal_nan=True)
+    assert torch.equal(gs.isnan(), ref_gs.isnan())
+    torch.testing.assert_close(gs, ref_gs, equal_nan=True, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.bilinear_backward_input(grad, real, stride, 7, 9), ref_gx, equal_nan=True)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bfloat16_outputs_are_float32_results_rounded(kernels, plane_form, layout):
     """bfloat16 kernels compute in float32 and round on store as torch does (to nearest even; inf kept): the same

@@ -1427,6 +1427,25 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   }
 }
 
+// Whether every vector added was finite: the bits of a - a (+0 when a is finite, nan otherwise) or-ed together,
+// a one-cycle dependency chain per vector (accumulating a * 0 instead chains a multiply-add, 5 cycles on Zen 2).
+template <typename A>
+struct FiniteCheck {
+  typename Vec<A>::M bits{};
+  void add(const typename Vec<A>::V& a) {
+    const typename Vec<A>::V d = a - a;
+    typename Vec<A>::M b;
+    std::memcpy(&b, &d, sizeof(b));
+    bits |= b;
+  }
+  void add(const FiniteCheck& o) { bits |= o.bits; }
+  bool finite() const {
+    uint64_t w[4];
+    std::memcpy(w, &bits, sizeof(w));
+    return (w[0] | w[1] | w[2] | w[3]) == 0;
+  }
+};
+
 // One vector of channels [c0, c0 + len): its lanes' corner displacements sign * (fy + oy, fx + ox), distinct and
 // sorted; coef/mask hold, per displacement, each lane's corner weight / all-ones where the lane uses it;
 // slot[4 k + 2 oy + ox] is the index of lane k's corner (oy, ox).
@@ -1686,13 +1705,13 @@ void shift_grad_nhwc_vec(const T* g, const T* x, int64_t N, int64_t C, int64_t H
 // rows. Unmasked, a lane adds 0 * src for displacements it does not use, which is not 0 for inf/nan: a row of a
 // vector whose result is not finite is recomputed with those lanes masked (the reference's semantics).
 template <int S, bool Masked, typename T, typename A>
-typename Vec<A>::V bilinear_vec_row(const A* const* src, const A* const* coef, const typename Vec<A>::U* const* mask,
+FiniteCheck<A> bilinear_vec_row(const A* const* src, const A* const* coef, const typename Vec<A>::U* const* mask,
                                     int64_t m, int64_t cp, int64_t Wo, int64_t C, T* out, int64_t len) {
   using V = typename Vec<A>::V;
   using M = typename Vec<A>::M;
   constexpr int L = Vec<A>::L;
   const bool full = len == L;
-  V chk{};
+  FiniteCheck<A> chk;
   auto ld = [&](const A* q, int64_t t) {
     V z = vload<true, A>(q, L);
     if constexpr (Masked) {
@@ -1705,7 +1724,7 @@ typename Vec<A>::V bilinear_vec_row(const A* const* src, const A* const* coef, c
     return z;
   };
   auto put = [&](T* o, const V& a) {
-    chk += a * A(0);
+    chk.add(a);
     if (full) {
       vstore<true, A>(o, a, L);
     } else {
@@ -1771,18 +1790,436 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
             mk[m] = &p.mask[e * L];
             ++m;
           }
-          const V chk = bilinear_vec_row<S, false>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0,
-                                                   p.len);
-          A lanes[L];
-          std::memcpy(lanes, &chk, sizeof(lanes));
-          bool finite = true;
-          for (int k = 0; k < L; ++k) finite &= lanes[k] == A(0);
-          if (!finite)
+          if (!bilinear_vec_row<S, false>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0, p.len)
+                   .finite())
             bilinear_vec_row<S, true>(ptr.data(), cf.data(), mk.data(), m, ring.TL, Wo, C, orow + p.c0, p.len);
         }
       }
     }
   });
+  return true;
+}
+
+
+// ------------------------------------------------------------------------------------------------------------
+// channels_last bilinear shift as two 1-D interpolations: ASL Eq. 8-10 weighs the corners (fy + oy, fx + ox) by
+// wy[oy] wx[ox], wy = (1-a, a), wx = (1-b, b). When every channel's corners lie within R rows r0 .. r0+R-1 and R
+// columns k0 .. k0+R-1 (shifts within a pixel, as ASL initialises them: R = 3), out[i, j] =
+// sum_u cx_u (sum_t cy_t src[i*S + r0 + t, j*S + k0 + u]), with per-channel weights cy, cx (0 at the taps that a
+// channel does not use). Pixels are visited in memory order, all channels of one before the next: three sequential
+// streams of source rows, which the hardware prefetcher follows (visiting a row's pixels per vector of channels
+// instead, with the weights in registers, ran 3x `x.clone()`: each load a new line, latency-bound). The vertical sums
+// of the last R source columns are kept in a ring, so each source value is loaded once per row tap and an output
+// costs 2R multiply-adds at stride 1 (6, not 9). Rows outside the image read a zero row; columns outside it have
+// vertical sum 0. A channel adds 0 * src at the taps it does not use, which is not 0 for inf/nan: an output row that
+// is not all finite is recomputed from each channel's four corners (the reference's terms). The adjoint (input
+// gradient, stride 1) is the same with the displacements negated.
+constexpr int kSepTaps = 3;
+
+template <typename A>
+struct SepPlan {
+  static constexpr int L = Vec<A>::L, R = kSepTaps;
+  const Bilinear<A>& q;
+  int64_t C, sign, nv, r0 = 0, k0 = 0;
+  std::vector<A> cy, cx;  // [vector][tap][lane]
+  bool ok = false;        // all corners within R rows and R columns
+
+  SepPlan(const Bilinear<A>& q_, int64_t C_, int64_t sign_) : q(q_), C(C_), sign(sign_), nv((C_ + L - 1) / L) {
+    int64_t ylo = std::numeric_limits<int64_t>::max(), yhi = std::numeric_limits<int64_t>::min(), xlo = ylo, xhi = yhi;
+    for (int64_t c = 0; c < C; ++c)
+      for (int o = 0; o < 2; ++o) {
+        const int64_t y = sign * (q.fy[c] + o), x = sign * (q.fx[c] + o);
+        ylo = std::min(ylo, y), yhi = std::max(yhi, y), xlo = std::min(xlo, x), xhi = std::max(xhi, x);
+      }
+    ok = C > 0 && yhi - ylo < R && xhi - xlo < R;
+    if (!ok) return;
+    r0 = ylo, k0 = xlo;
+    cy.assign(nv * R * L, A(0));
+    cx.assign(nv * R * L, A(0));
+    for (int64_t c = 0; c < C; ++c)
+      for (int o = 0; o < 2; ++o) {
+        cy[(c / L * R + sign * (q.fy[c] + o) - r0) * L + c % L] = o ? q.a[c] : A(1) - q.a[c];
+        cx[(c / L * R + sign * (q.fx[c] + o) - k0) * L + c % L] = o ? q.b[c] : A(1) - q.b[c];
+      }
+  }
+  // channel c at output (i, j) from its four corners, skipping those outside the image (the reference's terms)
+  template <int S, typename T>
+  A exact(const T* src, int64_t Hs, int64_t Ws, int64_t i, int64_t j, int64_t c) const {
+    A acc(0);
+    for (int k = 0; k < 4; ++k) {
+      const int64_t r = i * S + sign * (q.fy[c] + k / 2), col = j * S + sign * (q.fx[c] + k % 2);
+      if (r >= 0 && r < Hs && col >= 0 && col < Ws)
+        acc += q.weights(c)[k] * static_cast<A>(src[(r * Ws + col) * C + c]);
+    }
+    return acc;
+  }
+};
+
+template <bool Stream, bool Full, typename T, typename A>
+inline void sep_store(T* o, const typename Vec<A>::V& a, int64_t len) {
+  if constexpr (Full && std::is_same<T, A>::value) {
+    put32<Stream>(reinterpret_cast<char*>(o), &a);
+  } else {
+    vstore<Full, A>(o, a, len);
+  }
+}
+
+// One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
+// row); ring holds R x nv vectors. Returns whether every output was finite.
+template <int S, bool Stream, typename T, typename A>
+bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, T* orow, typename Vec<A>::V* ring) {
+  using V = typename Vec<A>::V;
+  using M = typename Vec<A>::M;
+  constexpr int L = Vec<A>::L, R = kSepTaps;
+  const int64_t C = p.C, nv = p.nv, full = C / L, tail = C - full * L;
+  const T* const r0 = rows[0];
+  const T* const r1 = rows[1];
+  const T* const r2 = rows[2];
+  static_assert(R == 3, "sep_row unrolls three taps");
+  auto w = [](const A* c) {
+    V v;
+    std::memcpy(&v, c, sizeof(v));
+    return v;
+  };
+  M bad{};  // or of the bits of a - a (+0 when a is finite, nan otherwise)
+  auto check = [&bad](const V& a) {
+    const V d = a - a;
+    M b;
+    std::memcpy(&b, &d, sizeof(b));
+    bad |= b;
+  };
+  auto slot = [](int64_t col) { return ((col % R) + R) % R; };
+  // vertical sums of column col into its ring slot (0 outside the image)
+  auto vertical = [&](int64_t col) {
+    V* d = ring + slot(col) * nv;
+    if (col < 0 || col >= Ws) return std::fill(d, d + nv, V{});
+    const int64_t off = col * C;
+    for (int64_t v = 0; v < full; ++v) {
+      const A* y = &p.cy[v * R * L];
+      d[v] = w(y) * vload<true, A>(r0 + off + v * L, L) + w(y + L) * vload<true, A>(r1 + off + v * L, L) +
+             w(y + 2 * L) * vload<true, A>(r2 + off + v * L, L);
+    }
+    if (tail) {
+      const A* y = &p.cy[full * R * L];
+      const int64_t c = off + full * L;
+      d[full] = w(y) * vload<false, A>(r0 + c, tail) + w(y + L) * vload<false, A>(r1 + c, tail) +
+                w(y + 2 * L) * vload<false, A>(r2 + c, tail);
+    }
+  };
+  int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
+  for (int64_t j = 0; j < Wo; ++j) {
+    const int64_t base = j * S + p.k0, last = base + R - 1;
+    const V* h0 = ring + slot(base) * nv;
+    const V* h1 = ring + slot(base + 1) * nv;
+    V* h2 = ring + slot(last) * nv;
+    T* o = orow + j * C;
+    if (S == 1 && next == last && last < Ws && last >= 0) {
+      // the common step: one new column, its vertical sums and the outputs in one pass
+      const int64_t off = last * C;
+      for (int64_t v = 0; v < full; ++v) {
+        const A* y = &p.cy[v * R * L];
+        const A* x = &p.cx[v * R * L];
+        const V s = w(y) * vload<true, A>(r0 + off + v * L, L) + w(y + L) * vload<true, A>(r1 + off + v * L, L) +
+                    w(y + 2 * L) * vload<true, A>(r2 + off + v * L, L);
+        h2[v] = s;
+        const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * s;
+        check(a);
+        sep_store<Stream, true, T, A>(o + v * L, a, L);
+      }
+      if (tail) {
+        const A* y = &p.cy[full * R * L];
+        const A* x = &p.cx[full * R * L];
+        const int64_t c = off + full * L;
+        const V s = w(y) * vload<false, A>(r0 + c, tail) + w(y + L) * vload<false, A>(r1 + c, tail) +
+                    w(y + 2 * L) * vload<false, A>(r2 + c, tail);
+        h2[full] = s;
+        const V a = w(x) * h0[full] + w(x + L) * h1[full] + w(x + 2 * L) * s;
+        check(a);
+        sep_store<Stream, false, T, A>(o + full * L, a, tail);
+      }
+    } else {
+      for (int64_t col = std::max(next, base); col <= last; ++col) vertical(col);
+      for (int64_t v = 0; v < nv; ++v) {
+        const A* x = &p.cx[v * R * L];
+        const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * h2[v];
+        check(a);
+        if (v < full) {
+          sep_store<Stream, true, T, A>(o + v * L, a, L);
+        } else {
+          sep_store<Stream, false, T, A>(o + v * L, a, tail);
+        }
+      }
+    }
+    next = last + 1;
+  }
+  uint64_t words[sizeof(M) / 8];
+  std::memcpy(words, &bad, sizeof(words));
+  uint64_t any = 0;
+  for (uint64_t u : words) any |= u;
+  return any == 0;
+}
+
+// bilinear_nhwc_sep for one output row (n, i) at a time: source rows, sep_row, the exact recomputation if needed.
+template <int S, typename T, typename A>
+struct SepRows {
+  const SepPlan<A>& p;
+  const T* src;
+  T* dst;
+  int64_t Hs, Ws, Ho, Wo;
+  bool stream;
+  std::vector<T> zero_row;
+  SepRows(const SepPlan<A>& p_, const T* src_, T* dst_, int64_t N, int64_t Hs_, int64_t Ws_, int64_t Ho_, int64_t Wo_)
+      : p(p_), src(src_), dst(dst_), Hs(Hs_), Ws(Ws_), Ho(Ho_), Wo(Wo_),
+        stream(stream_blocks(dst_, N * Ho_ * Wo_, p_.C)), zero_row(Ws_ * p_.C, T(0)) {}
+
+  // ring: kSepTaps * p.nv vectors of the calling thread
+  void row(int64_t n, int64_t i, typename Vec<A>::V* ring) const {
+    constexpr int R = kSepTaps;
+    const int64_t C = p.C;
+    const T* img = src + n * Hs * Ws * C;
+    const T* rows[R];
+    for (int t = 0; t < R; ++t) {
+      const int64_t r = i * S + p.r0 + t;
+      rows[t] = r >= 0 && r < Hs ? img + r * Ws * C : zero_row.data();
+    }
+    T* orow = dst + (n * Ho + i) * Wo * C;
+    const bool finite = stream ? sep_row<S, true>(rows, p, Ws, Wo, orow, ring) : sep_row<S, false>(rows, p, Ws, Wo, orow, ring);
+    if (finite) return;
+    for (int64_t j = 0; j < Wo; ++j)
+      for (int64_t c = 0; c < C; ++c) orow[j * C + c] = static_cast<T>(p.template exact<S>(img, Hs, Ws, i, j, c));
+  }
+};
+
+// Returns false (nothing done) when the corners span more than kSepTaps rows or columns.
+template <int S, typename T, typename A>
+bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
+                       const Bilinear<A>& q, int64_t sign) {
+  const SepPlan<A> p(q, C, sign);
+  if (!p.ok) return false;
+  const SepRows<S, T, A> k(p, src, dst, N, Hs, Ws, Ho, Wo);
+  const RowBlocks rb(N, Ho);
+  parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+    std::vector<typename Vec<A>::V> ring(kSepTaps * p.nv);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
+      for (int64_t i = i0; i < i1; ++i) k.row(n, i, ring.data());
+      if (k.stream) stream_fence<true>();
+    }
+  });
+  return true;
+}
+
+
+// Shift gradient, channels_last, separable (ASL Eq. 8 differentiated), when every channel's corners lie within R
+// rows r0 .. r0+R-1 and R columns k0 .. k0+R-1 (R = 3: shifts within a pixel, as ASL initialises them; R = 5: within
+// two, as SSL's real shifts around small integers). With the vertical difference dv = x[fy+1] - x[fy] and
+// interpolation iv = x[fy] + a dv of each source column (a channel's own two rows, picked per lane), d out / d dy =
+// (1-b)(Z3 - Z1) + b(Z4 - Z2) = dv[fx] + b (dv[fx+1] - dv[fx]) and d out / d dx = (1-a)(Z2 - Z1) + a(Z4 - Z3) =
+// iv[fx+1] - iv[fx]; the kernel sums g times each over the output pixels. Pixels in memory order, all channels of one
+// before the next (as bilinear_nhwc_sep), dv and iv of the last R columns in a ring. Sums per output row in A, then
+// in double per block of rows (fixed by the shape: the same result whatever the number of threads). A channel whose
+// sums are not finite is recomputed from its four corners' sums, combined as the reference does.
+template <typename A>
+struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that all channels' corners lie in
+  int64_t r0 = 0, k0 = 0, rows = 0, cols = 0;
+  Window(const Bilinear<A>& q, int64_t C, int64_t sign) {
+    int64_t ylo = std::numeric_limits<int64_t>::max(), yhi = std::numeric_limits<int64_t>::min(), xlo = ylo, xhi = yhi;
+    for (int64_t c = 0; c < C; ++c)
+      for (int o = 0; o < 2; ++o) {
+        const int64_t y = sign * (q.fy[c] + o), x = sign * (q.fx[c] + o);
+        ylo = std::min(ylo, y), yhi = std::max(yhi, y), xlo = std::min(xlo, x), xhi = std::max(xhi, x);
+      }
+    if (C > 0) r0 = ylo, k0 = xlo, rows = yhi - ylo + 1, cols = xhi - xlo + 1;
+  }
+};
+
+template <int R, typename A>
+struct GradPlan {
+  static constexpr int L = Vec<A>::L, K = 2 * R - 2;  // vectors per channel vector: a, b, my[R-2], mx[R-2]
+  using U = typename Vec<A>::U;
+  using V = typename Vec<A>::V;
+  int64_t nv = 0;
+  Window<A> win;
+  std::vector<V> k;  // [vector][K]: a, b, then masks (bit patterns) all ones where fy - r0 >= t, fx - k0 >= t
+  GradPlan(const Bilinear<A>& q, int64_t C) : nv((C + L - 1) / L), win(q, C, 1), k(nv * K, V{}) {
+    for (int64_t c = 0; c < C; ++c) {
+      A* d = reinterpret_cast<A*>(&k[c / L * K]) + c % L;
+      d[0] = q.a[c], d[L] = q.b[c];
+      for (int t = 1; t < R - 1; ++t) {
+        const U my = q.fy[c] - win.r0 >= t ? ~U(0) : U(0), mx = q.fx[c] - win.k0 >= t ? ~U(0) : U(0);
+        std::memcpy(d + (1 + t) * L, &my, sizeof(U));
+        std::memcpy(d + (R - 1 + t) * L, &mx, sizeof(U));
+      }
+    }
+  }
+};
+
+// lanes of q where m is all ones, of p elsewhere
+template <typename A>
+inline typename Vec<A>::V pick(const typename Vec<A>::M& m, const typename Vec<A>::V& p, const typename Vec<A>::V& q) {
+#ifdef __AVX__
+  if constexpr (std::is_same<A, float>::value) {
+    return reinterpret_cast<typename Vec<A>::V>(
+        _mm256_blendv_ps(reinterpret_cast<__m256>(p), reinterpret_cast<__m256>(q), reinterpret_cast<__m256>(m)));
+  } else {
+    return reinterpret_cast<typename Vec<A>::V>(
+        _mm256_blendv_pd(reinterpret_cast<__m256d>(p), reinterpret_cast<__m256d>(q), reinterpret_cast<__m256d>(m)));
+  }
+#endif
+  typename Vec<A>::M pb, qb;
+  std::memcpy(&pb, &p, sizeof(pb));
+  std::memcpy(&qb, &q, sizeof(qb));
+  const typename Vec<A>::M r = (qb & m) | (pb & ~m);
+  typename Vec<A>::V v;
+  std::memcpy(&v, &r, sizeof(v));
+  return v;
+}
+
+// Sums over one output row of g * d out/d dy and g * d out/d dx into acc[2 v], acc[2 v + 1] (in A); rows[t] is
+// source row i*S + r0 + t (or a zero row); ring holds R slots of nv (dv, iv) pairs. Per-vector data is interleaved
+// (plan, ring, sums), so that the loop needs few pointers (with one array each, they spilled to the stack; two
+// outputs per pass, sharing the loads and stores of the sums, spilled too and ran 1.3x slower).
+template <int S, int R, typename T, typename A>
+void grad_row(const T* const* rows, const T* grow, const GradPlan<R, A>& p, int64_t C, int64_t Ws, int64_t Wo,
+              typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
+  using V = typename Vec<A>::V;
+  using M = typename Vec<A>::M;
+  constexpr int L = Vec<A>::L, K = GradPlan<R, A>::K;
+  const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
+  const T* row[R];
+  for (int t = 0; t < R; ++t) row[t] = rows[t];
+  const V* plan = p.k.data();
+  auto m = [](const V& v) { return reinterpret_cast<M>(v); };
+  auto slot = [](int64_t col) { return ((col % R) + R) % R; };
+  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
+  // dv and iv of a vector of the source column at pixel offset off
+  auto column = [&](const V* k, int64_t off, int64_t len, V& dv, V& iv) {
+    V x[R];
+    for (int t = 0; t < R; ++t) x[t] = load(row[t] + off, len);
+    V lo = x[0], hi = x[1];
+    for (int t = 1; t < R - 1; ++t) {
+      lo = pick<A>(m(k[1 + t]), lo, x[t]);
+      hi = pick<A>(m(k[1 + t]), hi, x[t + 1]);
+    }
+    dv = hi - lo;
+    iv = lo + k[0] * dv;
+  };
+  // adds g times d out/d dy, d out/d dx of an output (dv and iv at its window positions 0 .. R-1) to s[0], s[1]
+  auto output = [&](const V* k, const V* dvw, const V* ivw, const V& gv, V* s) {
+    V dlo = dvw[0], dhi = dvw[1], ilo = ivw[0], ihi = ivw[1];
+    for (int u = 1; u < R - 1; ++u) {
+      const M mx = m(k[R - 1 + u]);
+      dlo = pick<A>(mx, dlo, dvw[u]), dhi = pick<A>(mx, dhi, dvw[u + 1]);
+      ilo = pick<A>(mx, ilo, ivw[u]), ihi = pick<A>(mx, ihi, ivw[u + 1]);
+    }
+    s[0] += gv * (dlo + k[1] * (dhi - dlo));
+    s[1] += gv * (ihi - ilo);
+  };
+  int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
+  for (int64_t j = 0; j < Wo; ++j) {
+    const int64_t base = j * S + k0, last = base + R - 1;
+    const T* gp = grow + j * C;
+    const V* w[R];
+    for (int u = 0; u < R; ++u) w[u] = ring + slot(base + u) * 2 * nv;
+    if (S == 1 && next == last && last >= 0 && last < Ws) {
+      // the common step: one new column, its dv and iv and this output's sums in one pass over the channels
+      V* d = ring + slot(last) * 2 * nv;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t len = v < full ? L : tail;
+        V dvw[R], ivw[R];
+        for (int u = 0; u + 1 < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
+        column(plan + v * K, last * C + v * L, len, dvw[R - 1], ivw[R - 1]);
+        d[2 * v] = dvw[R - 1], d[2 * v + 1] = ivw[R - 1];
+        output(plan + v * K, dvw, ivw, load(gp + v * L, len), acc + 2 * v);
+      }
+    } else {
+      for (int64_t col = std::max(next, base); col <= last; ++col) {
+        V* d = ring + slot(col) * 2 * nv;
+        if (col < 0 || col >= Ws) {
+          std::fill(d, d + 2 * nv, V{});
+          continue;
+        }
+        for (int64_t v = 0; v < nv; ++v)
+          column(plan + v * K, col * C + v * L, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        V dvw[R], ivw[R];
+        for (int u = 0; u < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
+        output(plan + v * K, dvw, ivw, load(gp + v * L, v < full ? L : tail), acc + 2 * v);
+      }
+    }
+    next = last + 1;
+  }
+}
+
+// per_row(): a callable made once per thread, called as hook(n, i) before each output row (i in [0, Ho)) and
+// hook() after each block of rows: the fused backward computes the input gradient's rows there, while the rows of g
+// that both read are in cache.
+template <int S, typename T, typename A, typename F>
+bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho,
+                         int64_t Wo, const Bilinear<A>& q, double* out, const F& per_row) {
+  const Window<A> win(q, C, 1);
+  if (C == 0 || std::max(win.rows, win.cols) > 5) return false;
+  auto run = [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    using V = typename Vec<A>::V;
+    constexpr int L = Vec<A>::L;
+    const GradPlan<R, A> p(q, C);
+    const int64_t nv = p.nv;
+    const std::vector<T> zero_row(W * C, T(0));
+    const RowBlocks rb(N, Ho);
+    const int64_t items = N * rb.count;
+    std::vector<double> partial(items * 2 * C, 0.0);
+    parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+      std::vector<V> ring(2 * R * nv), sums(2 * nv);
+      std::vector<double> dy(nv * L), dx(nv * L);
+      auto hook = per_row();
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
+        const T* img = x + n * H * W * C;
+        std::fill(dy.begin(), dy.end(), 0.0);
+        std::fill(dx.begin(), dx.end(), 0.0);
+        for (int64_t i = i0; i < i1; ++i) {
+          hook(n, i);
+          const T* rows[R];
+          for (int t = 0; t < R; ++t) {
+            const int64_t r = i * S + win.r0 + t;
+            rows[t] = r >= 0 && r < H ? img + r * W * C : zero_row.data();
+          }
+          std::fill(sums.begin(), sums.end(), V{});
+          grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ring.data(), sums.data());
+          for (int64_t v = 0; v < nv; ++v)
+            add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
+        }
+        hook();
+        double* part = &partial[item * 2 * C];
+        for (int64_t c = 0; c < C; ++c) {
+          part[2 * c] = dy[c], part[2 * c + 1] = dx[c];
+          if (std::isfinite(dy[c]) && std::isfinite(dx[c])) continue;
+          double s[4] = {0, 0, 0, 0};  // the four corners' sums, then the reference's combination
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t j = 0; j < Wo; ++j) {
+              const double gv = static_cast<double>(static_cast<A>(g[((n * Ho + i) * Wo + j) * C + c]));
+              for (int k = 0; k < 4; ++k) {
+                const int64_t r = i * S + q.fy[c] + k / 2, col = j * S + q.fx[c] + k % 2;
+                if (r >= 0 && r < H && col >= 0 && col < W)
+                  s[k] += gv * static_cast<double>(static_cast<A>(img[(r * W + col) * C + c]));
+              }
+            }
+          const double a = static_cast<double>(q.a[c]), b = static_cast<double>(q.b[c]);
+          part[2 * c] = (1 - b) * (s[2] - s[0]) + b * (s[3] - s[1]);
+          part[2 * c + 1] = (1 - a) * (s[1] - s[0]) + a * (s[3] - s[2]);
+        }
+      }
+    });
+    for (int64_t item = 0; item < items; ++item)
+      for (int64_t k = 0; k < 2 * C; ++k) out[k] += partial[item * 2 * C + k];
+  };
+  if (std::max(win.rows, win.cols) <= 3) {
+    run(std::integral_constant<int, 3>{});
+  } else {
+    run(std::integral_constant<int, 5>{});
+  }
   return true;
 }
 
@@ -1982,7 +2419,8 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
     with_stride(stride, [&](auto s) {
       constexpr int S = decltype(s)::value;
       if (cl) {
-        if (!bilinear_nhwc_vec<S>(xp, op, N, C, H, W, Ho, Wo, vec_plans(q, C, 1)))
+        if (!bilinear_nhwc_sep<S>(xp, op, N, C, H, W, Ho, Wo, q, 1) &&
+            !bilinear_nhwc_vec<S>(xp, op, N, C, H, W, Ho, Wo, vec_plans(q, C, 1)))
           bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, Displacements<A>(q, C));
         return;
       }
@@ -2043,11 +2481,31 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
     with_stride(args.stride, [&](auto s) {
       constexpr int S = decltype(s)::value;
       if (cl) {
+        auto no_rows = [] { return [](auto...) {}; };
+        const bool bilinear_gx = want_gx && !args.integer_adjoint;
+        if (bilinear_gx && want_gs && S == 1) {
+          // both gradients in one pass over the rows of g (read once from memory)
+          const SepPlan<A> p(q_gx, C, -1);
+          if (p.ok) {
+            const SepRows<1, scalar_t, A> k(p, gp, gxp, N, Ho, Wo, H, W);
+            auto gx_rows = [&] {
+              return [&k, ring = std::vector<typename Vec<A>::V>(kSepTaps * p.nv)](auto... ni) mutable {
+                if constexpr (sizeof...(ni) == 2) {
+                  k.row(ni..., ring.data());
+                } else if (k.stream) {
+                  stream_fence<true>();
+                }
+              };
+            };
+            if (shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, gx_rows)) return;
+          }
+        }
         if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
-        if (want_gx && !args.integer_adjoint &&
-            (S != 1 || !bilinear_nhwc_vec<1>(gp, gxp, N, C, Ho, Wo, H, W, vec_plans(q_gx, C, -1))))
+        if (bilinear_gx && (S != 1 || (!bilinear_nhwc_sep<1>(gp, gxp, N, C, Ho, Wo, H, W, q_gx, -1) &&
+                                       !bilinear_nhwc_vec<1>(gp, gxp, N, C, Ho, Wo, H, W, vec_plans(q_gx, C, -1)))))
           bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, Displacements<A>(q_gx, C));
-        if (want_gs) shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
+        if (want_gs && !shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, no_rows))
+          shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
       // flat form (stride 1, planes up to kFlatLargest): one pass per plane, the negated corners of q_gs (shift
