@@ -859,6 +859,162 @@ bool move_nhwc_lines(const U* src, U* dst, const Move& m) {
   return true;
 }
 
+// channels_last integer movement by selection, for affine movements o -> o*S + d (the forward movement, any stride,
+// and the stride-1 adjoint) whose displacements all lie within R <= 5 rows and R columns (grouped shifts, and
+// per-channel shifts rounded from within two pixels, as SSL's): per source column, each lane's row is picked from the
+// R source rows (R-1 blends), kept in a ring of the last R columns; each output lane then picks its column from the
+// ring. Pixels in memory order, all channels of one before the next: R sequential streams of source rows, which the
+// hardware prefetcher follows (move_nhwc_channels, a copy per channel, and move_nhwc_vec, masked vectors per
+// displacement, read rows and neighbouring pixels in turn). The bits are moved exactly; rows outside the image read
+// a zero row, columns outside it are zero in the ring. A partial last vector of channels is moved lane by lane.
+template <typename U>
+inline typename UVec<U>::V pick_bits(const typename UVec<U>::V& m, const typename UVec<U>::V& p,
+                                     const typename UVec<U>::V& q) {  // q where m is all ones, else p
+#ifdef __AVX2__
+  return reinterpret_cast<typename UVec<U>::V>(_mm256_blendv_epi8(reinterpret_cast<__m256i>(p),
+                                                                  reinterpret_cast<__m256i>(q),
+                                                                  reinterpret_cast<__m256i>(m)));
+#else
+  return (q & m) | (p & ~m);
+#endif
+}
+
+template <int R, typename U>
+struct PickPlan {
+  using VU = typename UVec<U>::V;
+  static constexpr int64_t L = 32 / sizeof(U);
+  int64_t C, S, full, r0, k0;
+  std::vector<int64_t> dy, dx;
+  std::vector<VU> mask;  // [vector][2 ]: all ones where dy - r0 >= t (t = 1 .. R-1), then dx - k0 >= u
+  PickPlan(int64_t C_, int64_t S_, std::vector<int64_t> dy_, std::vector<int64_t> dx_)
+      : C(C_), S(S_), full(C_ / L), dy(std::move(dy_)), dx(std::move(dx_)), mask(full * 2 * (R - 1), VU{}) {
+    r0 = *std::min_element(dy.begin(), dy.end());
+    k0 = *std::min_element(dx.begin(), dx.end());
+    for (int64_t c = 0; c < full * L; ++c) {
+      U* d = reinterpret_cast<U*>(&mask[c / L * 2 * (R - 1)]) + c % L;
+      for (int t = 1; t < R; ++t) {
+        d[(t - 1) * L] = dy[c] - r0 >= t ? ~U(0) : U(0);
+        d[(R - 2 + t) * L] = dx[c] - k0 >= t ? ~U(0) : U(0);
+      }
+    }
+  }
+};
+
+template <int R, bool Stream, typename U>
+void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t Wo, U* orow,
+              typename UVec<U>::V* ring) {
+  using VU = typename UVec<U>::V;
+  constexpr int64_t L = PickPlan<R, U>::L, K = 2 * (R - 1);
+  const int64_t C = p.C, nv = p.full, S = p.S;
+  const U* row[R];
+  for (int t = 0; t < R; ++t) row[t] = rows[t];
+  const VU* plan = p.mask.data();
+  auto load = [](const U* q) {
+    VU v;
+    std::memcpy(&v, q, sizeof(v));
+    return v;
+  };
+  auto slot = [](int64_t col) { return ((col % R) + R) % R; };
+  auto column = [&](const VU* k, int64_t off) {  // each lane's own row of the source column at pixel offset off
+    VU s = load(row[0] + off);
+    for (int t = 1; t < R; ++t) s = pick_bits<U>(k[t - 1], s, load(row[t] + off));
+    return s;
+  };
+  auto output = [&](const VU* k, const VU* w) {  // each lane's own column of the window
+    VU o = w[0];
+    for (int u = 1; u < R; ++u) o = pick_bits<U>(k[R - 2 + u], o, w[u]);
+    return o;
+  };
+  int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
+  for (int64_t j = 0; j < Wo; ++j) {
+    const int64_t base = j * S + p.k0, last = base + R - 1;
+    const VU* w[R];
+    for (int u = 0; u < R; ++u) w[u] = ring + slot(base + u) * nv;
+    U* o = orow + j * C;
+    if (S == 1 && next == last && last >= 0 && last < Ws) {
+      VU* d = ring + slot(last) * nv;
+      for (int64_t v = 0; v < nv; ++v) {
+        VU win[R];
+        for (int u = 0; u + 1 < R; ++u) win[u] = w[u][v];
+        win[R - 1] = d[v] = column(plan + v * K, last * C + v * L);
+        const VU a = output(plan + v * K, win);
+        put32<Stream>(reinterpret_cast<char*>(o + v * L), &a);
+      }
+    } else {
+      for (int64_t col = std::max(next, base); col <= last; ++col) {
+        VU* d = ring + slot(col) * nv;
+        if (col < 0 || col >= Ws) {
+          std::fill(d, d + nv, VU{});
+          continue;
+        }
+        for (int64_t v = 0; v < nv; ++v) d[v] = column(plan + v * K, col * C + v * L);
+      }
+      for (int64_t v = 0; v < nv; ++v) {
+        VU win[R];
+        for (int u = 0; u < R; ++u) win[u] = w[u][v];
+        const VU a = output(plan + v * K, win);
+        put32<Stream>(reinterpret_cast<char*>(o + v * L), &a);
+      }
+    }
+    next = last + 1;
+  }
+}
+
+// Returns false (nothing done) where the conditions above do not hold.
+template <typename U>
+bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
+  const int64_t C = m.C, S = C > 0 ? m.rows[0].sstep : 1;
+  if (C == 0 || reinterpret_cast<uintptr_t>(dst) % 32 != 0) return false;
+  std::vector<int64_t> dy(C), dx(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const Seg &r = m.rows[c], &k = m.cols[c];
+    if (r.ostep != 1 || k.ostep != 1 || r.sstep != S || k.sstep != S || r.count == 0 || k.count == 0) return false;
+    dy[c] = r.s0 - r.o0 * S, dx[c] = k.s0 - k.o0 * S;
+  }
+  const int64_t span = std::max(*std::max_element(dy.begin(), dy.end()) - *std::min_element(dy.begin(), dy.end()),
+                                *std::max_element(dx.begin(), dx.end()) - *std::min_element(dx.begin(), dx.end()));
+  if (span >= 5) return false;
+  const bool stream = (C * sizeof(U)) % 32 == 0 && stream_output(m.N * m.Hd * m.Wd * C * static_cast<int64_t>(sizeof(U)));
+  auto run = [&](auto r, auto st) {
+    constexpr int R = decltype(r)::value;
+    constexpr bool Stream = decltype(st)::value;
+    const PickPlan<R, U> p(C, S, dy, dx);
+    const std::vector<U> zero_row(m.Ws * C, U(0));
+    parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
+      std::vector<typename UVec<U>::V> ring(R * p.full);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / m.Hd, i = q % m.Hd;
+        const U* img = src + n * m.Hs * m.Ws * C;
+        const U* rows[R];
+        for (int t = 0; t < R; ++t) {
+          const int64_t sr = i * S + p.r0 + t;
+          rows[t] = sr >= 0 && sr < m.Hs ? img + sr * m.Ws * C : zero_row.data();
+        }
+        U* orow = dst + q * m.Wd * C;
+        if (p.full > 0) pick_row<R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
+        for (int64_t c = p.full * p.L; c < C; ++c) {  // the partial last vector
+          const int64_t sr = i * S + dy[c];
+          for (int64_t j = 0; j < m.Wd; ++j) {
+            const int64_t sc = j * S + dx[c];
+            orow[j * C + c] = sr >= 0 && sr < m.Hs && sc >= 0 && sc < m.Ws ? img[(sr * m.Ws + sc) * C + c] : U(0);
+          }
+        }
+      }
+      stream_fence<Stream>();
+    });
+  };
+  auto taps = [&](auto r) {
+    if (stream) return run(r, std::true_type{});
+    run(r, std::false_type{});
+  };
+  if (span < 3) {
+    taps(std::integral_constant<int, 3>{});
+  } else {
+    taps(std::integral_constant<int, 5>{});
+  }
+  return true;
+}
+
 template <typename F>
 void dispatch_by_size(const Tensor& x, const F& f) {
   switch (x.element_size()) {
@@ -877,7 +1033,7 @@ void run_move(const Tensor& src, Tensor& dst, const Move& m, bool channels_last)
     T* d = static_cast<T*>(dst.data_ptr());
     if (!channels_last) {
       move_nchw(s, d, m);
-    } else if (!move_nhwc_lines(s, d, m) && !move_nhwc_vec(s, d, m)) {
+    } else if (!move_nhwc_lines(s, d, m) && !move_nhwc_pick(s, d, m) && !move_nhwc_vec(s, d, m)) {
       move_nhwc(s, d, m);
     }
   });
