@@ -2062,16 +2062,34 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
                 w(y + 2 * L) * vload<false, A>(r2 + c, tail);
     }
   };
-  int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
-  for (int64_t j = 0; j < Wo; ++j) {
-    const int64_t base = j * S + p.k0, last = base + R - 1;
-    const V* h0 = ring + slot(base) * nv;
-    const V* h1 = ring + slot(base + 1) * nv;
-    V* h2 = ring + slot(last) * nv;
+  auto horizontal = [&](int64_t j, const V* h0, const V* h1, const V* h2) {  // output j from the ring
     T* o = orow + j * C;
-    if (S == 1 && next == last && last < Ws && last >= 0) {
-      // the common step: one new column, its vertical sums and the outputs in one pass
+    for (int64_t v = 0; v < nv; ++v) {
+      const A* x = &p.cx[v * R * L];
+      const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * h2[v];
+      check(a);
+      if (v < full) {
+        sep_store<Stream, true, T, A>(o + v * L, a, L);
+      } else {
+        sep_store<Stream, false, T, A>(o + v * L, a, tail);
+      }
+    }
+  };
+  if constexpr (S == 1) {
+    for (int64_t col = p.k0; col < p.k0 + R - 1; ++col) vertical(col);
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t last = j + p.k0 + R - 1;
+      const V* h0 = ring + slot(j + p.k0) * nv;
+      const V* h1 = ring + slot(j + p.k0 + 1) * nv;
+      V* h2 = ring + slot(last) * nv;
+      if (last < 0 || last >= Ws) {  // the new column lies outside the image
+        std::fill(h2, h2 + nv, V{});
+        horizontal(j, h0, h1, h2);
+        continue;
+      }
+      // one new column: its vertical sums and the outputs in one pass over the channels
       const int64_t off = last * C;
+      T* o = orow + j * C;
       for (int64_t v = 0; v < full; ++v) {
         const A* y = &p.cy[v * R * L];
         const A* x = &p.cx[v * R * L];
@@ -2093,20 +2111,15 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
         check(a);
         sep_store<Stream, false, T, A>(o + full * L, a, tail);
       }
-    } else {
-      for (int64_t col = std::max(next, base); col <= last; ++col) vertical(col);
-      for (int64_t v = 0; v < nv; ++v) {
-        const A* x = &p.cx[v * R * L];
-        const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * h2[v];
-        check(a);
-        if (v < full) {
-          sep_store<Stream, true, T, A>(o + v * L, a, L);
-        } else {
-          sep_store<Stream, false, T, A>(o + v * L, a, tail);
-        }
-      }
     }
-    next = last + 1;
+  } else {
+    int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t base = j * S + p.k0, last = base + R - 1;
+      for (int64_t col = std::max(next, base); col <= last; ++col) vertical(col);
+      next = last + 1;
+      horizontal(j, ring + slot(base) * nv, ring + slot(base + 1) * nv, ring + slot(last) * nv);
+    }
   }
   uint64_t words[sizeof(M) / 8];
   std::memcpy(words, &bad, sizeof(words));
@@ -2271,40 +2284,48 @@ void grad_row(const T* const* rows, const T* grow, const GradPlan<R, A>& p, int6
     s[0] += gv * (dlo + k[1] * (dhi - dlo));
     s[1] += gv * (ihi - ilo);
   };
-  int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
-  for (int64_t j = 0; j < Wo; ++j) {
-    const int64_t base = j * S + k0, last = base + R - 1;
-    const T* gp = grow + j * C;
-    const V* w[R];
-    for (int u = 0; u < R; ++u) w[u] = ring + slot(base + u) * 2 * nv;
-    if (S == 1 && next == last && last >= 0 && last < Ws) {
-      // the common step: one new column, its dv and iv and this output's sums in one pass over the channels
+  auto fill = [&](int64_t col) {  // dv and iv of source column col into its ring slot (0 outside the image)
+    V* d = ring + slot(col) * 2 * nv;
+    if (col < 0 || col >= Ws) return std::fill(d, d + 2 * nv, V{});
+    for (int64_t v = 0; v < nv; ++v) column(plan + v * K, col * C + v * L, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
+  };
+  if constexpr (S == 1) {
+    // one new column per output: its dv and iv and the output's sums in one pass over the channels
+    for (int64_t col = k0; col < k0 + R - 1; ++col) fill(col);
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t last = j + k0 + R - 1;
+      const bool inside = last >= 0 && last < Ws;
+      const T* gp = grow + j * C;
+      const V* w[R];
+      for (int u = 0; u < R; ++u) w[u] = ring + slot(j + k0 + u) * 2 * nv;
       V* d = ring + slot(last) * 2 * nv;
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t len = v < full ? L : tail;
         V dvw[R], ivw[R];
         for (int u = 0; u + 1 < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
-        column(plan + v * K, last * C + v * L, len, dvw[R - 1], ivw[R - 1]);
+        if (inside) {
+          column(plan + v * K, last * C + v * L, len, dvw[R - 1], ivw[R - 1]);
+        } else {
+          dvw[R - 1] = ivw[R - 1] = V{};
+        }
         d[2 * v] = dvw[R - 1], d[2 * v + 1] = ivw[R - 1];
         output(plan + v * K, dvw, ivw, load(gp + v * L, len), acc + 2 * v);
       }
-    } else {
-      for (int64_t col = std::max(next, base); col <= last; ++col) {
-        V* d = ring + slot(col) * 2 * nv;
-        if (col < 0 || col >= Ws) {
-          std::fill(d, d + 2 * nv, V{});
-          continue;
-        }
-        for (int64_t v = 0; v < nv; ++v)
-          column(plan + v * K, col * C + v * L, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
-      }
+    }
+  } else {
+    int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t base = j * S + k0, last = base + R - 1;
+      for (int64_t col = std::max(next, base); col <= last; ++col) fill(col);
+      next = last + 1;
+      const V* w[R];
+      for (int u = 0; u < R; ++u) w[u] = ring + slot(base + u) * 2 * nv;
       for (int64_t v = 0; v < nv; ++v) {
         V dvw[R], ivw[R];
         for (int u = 0; u < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
-        output(plan + v * K, dvw, ivw, load(gp + v * L, v < full ? L : tail), acc + 2 * v);
+        output(plan + v * K, dvw, ivw, load(grow + j * C + v * L, v < full ? L : tail), acc + 2 * v);
       }
     }
-    next = last + 1;
   }
 }
 
@@ -2325,6 +2346,7 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
     const std::vector<T> zero_row(W * C, T(0));
     const RowBlocks rb(N, Ho);
     const int64_t items = N * rb.count;
+    const int64_t flush = std::max<int64_t>(1, 64 / Wo);  // rows summed in A before adding to the double sums
     std::vector<double> partial(items * 2 * C, 0.0);
     parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
       std::vector<V> ring(2 * R * nv), sums(2 * nv);
@@ -2342,10 +2364,11 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
             const int64_t r = i * S + win.r0 + t;
             rows[t] = r >= 0 && r < H ? img + r * W * C : zero_row.data();
           }
-          std::fill(sums.begin(), sums.end(), V{});
+          if ((i - i0) % flush == 0) std::fill(sums.begin(), sums.end(), V{});
           grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ring.data(), sums.data());
-          for (int64_t v = 0; v < nv; ++v)
-            add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
+          if ((i - i0) % flush == flush - 1 || i + 1 == i1)
+            for (int64_t v = 0; v < nv; ++v)
+              add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
         }
         hook();
         double* part = &partial[item * 2 * C];
