@@ -1594,7 +1594,6 @@ struct FiniteCheck {
     std::memcpy(&b, &d, sizeof(b));
     bits |= b;
   }
-  void add(const FiniteCheck& o) { bits |= o.bits; }
   bool finite() const {
     uint64_t w[4];
     std::memcpy(w, &bits, sizeof(w));
@@ -1973,6 +1972,20 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 constexpr int kSepTaps = 3;
 
 template <typename A>
+struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that all channels' corners lie in
+  int64_t r0 = 0, k0 = 0, rows = 0, cols = 0;
+  Window(const Bilinear<A>& q, int64_t C, int64_t sign) {
+    int64_t ylo = std::numeric_limits<int64_t>::max(), yhi = std::numeric_limits<int64_t>::min(), xlo = ylo, xhi = yhi;
+    for (int64_t c = 0; c < C; ++c)
+      for (int o = 0; o < 2; ++o) {
+        const int64_t y = sign * (q.fy[c] + o), x = sign * (q.fx[c] + o);
+        ylo = std::min(ylo, y), yhi = std::max(yhi, y), xlo = std::min(xlo, x), xhi = std::max(xhi, x);
+      }
+    if (C > 0) r0 = ylo, k0 = xlo, rows = yhi - ylo + 1, cols = xhi - xlo + 1;
+  }
+};
+
+template <typename A>
 struct SepPlan {
   static constexpr int L = Vec<A>::L, R = kSepTaps;
   const Bilinear<A>& q;
@@ -1981,15 +1994,10 @@ struct SepPlan {
   bool ok = false;        // all corners within R rows and R columns
 
   SepPlan(const Bilinear<A>& q_, int64_t C_, int64_t sign_) : q(q_), C(C_), sign(sign_), nv((C_ + L - 1) / L) {
-    int64_t ylo = std::numeric_limits<int64_t>::max(), yhi = std::numeric_limits<int64_t>::min(), xlo = ylo, xhi = yhi;
-    for (int64_t c = 0; c < C; ++c)
-      for (int o = 0; o < 2; ++o) {
-        const int64_t y = sign * (q.fy[c] + o), x = sign * (q.fx[c] + o);
-        ylo = std::min(ylo, y), yhi = std::max(yhi, y), xlo = std::min(xlo, x), xhi = std::max(xhi, x);
-      }
-    ok = C > 0 && yhi - ylo < R && xhi - xlo < R;
+    const Window<A> win(q, C, sign);
+    ok = C > 0 && win.rows <= R && win.cols <= R;
     if (!ok) return;
-    r0 = ylo, k0 = xlo;
+    r0 = win.r0, k0 = win.k0;
     cy.assign(nv * R * L, A(0));
     cx.assign(nv * R * L, A(0));
     for (int64_t c = 0; c < C; ++c)
@@ -2025,7 +2033,6 @@ inline void sep_store(T* o, const typename Vec<A>::V& a, int64_t len) {
 template <int S, bool Stream, typename T, typename A>
 bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, T* orow, typename Vec<A>::V* ring) {
   using V = typename Vec<A>::V;
-  using M = typename Vec<A>::M;
   constexpr int L = Vec<A>::L, R = kSepTaps;
   const int64_t C = p.C, nv = p.nv, full = C / L, tail = C - full * L;
   const T* const r0 = rows[0];
@@ -2037,13 +2044,7 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
     std::memcpy(&v, c, sizeof(v));
     return v;
   };
-  M bad{};  // or of the bits of a - a (+0 when a is finite, nan otherwise)
-  auto check = [&bad](const V& a) {
-    const V d = a - a;
-    M b;
-    std::memcpy(&b, &d, sizeof(b));
-    bad |= b;
-  };
+  FiniteCheck<A> chk;
   auto slot = [](int64_t col) { return ((col % R) + R) % R; };
   // vertical sums of column col into its ring slot (0 outside the image)
   auto vertical = [&](int64_t col) {
@@ -2067,7 +2068,7 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
     for (int64_t v = 0; v < nv; ++v) {
       const A* x = &p.cx[v * R * L];
       const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * h2[v];
-      check(a);
+      chk.add(a);
       if (v < full) {
         sep_store<Stream, true, T, A>(o + v * L, a, L);
       } else {
@@ -2097,7 +2098,7 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
                     w(y + 2 * L) * vload<true, A>(r2 + off + v * L, L);
         h2[v] = s;
         const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * s;
-        check(a);
+        chk.add(a);
         sep_store<Stream, true, T, A>(o + v * L, a, L);
       }
       if (tail) {
@@ -2108,7 +2109,7 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
                     w(y + 2 * L) * vload<false, A>(r2 + c, tail);
         h2[full] = s;
         const V a = w(x) * h0[full] + w(x + L) * h1[full] + w(x + 2 * L) * s;
-        check(a);
+        chk.add(a);
         sep_store<Stream, false, T, A>(o + full * L, a, tail);
       }
     }
@@ -2121,11 +2122,7 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
       horizontal(j, ring + slot(base) * nv, ring + slot(base + 1) * nv, ring + slot(last) * nv);
     }
   }
-  uint64_t words[sizeof(M) / 8];
-  std::memcpy(words, &bad, sizeof(words));
-  uint64_t any = 0;
-  for (uint64_t u : words) any |= u;
-  return any == 0;
+  return chk.finite();
 }
 
 // bilinear_nhwc_sep for one output row (n, i) at a time: source rows, sep_row, the exact recomputation if needed.
@@ -2185,22 +2182,10 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // interpolation iv = x[fy] + a dv of each source column (a channel's own two rows, picked per lane), d out / d dy =
 // (1-b)(Z3 - Z1) + b(Z4 - Z2) = dv[fx] + b (dv[fx+1] - dv[fx]) and d out / d dx = (1-a)(Z2 - Z1) + a(Z4 - Z3) =
 // iv[fx+1] - iv[fx]; the kernel sums g times each over the output pixels. Pixels in memory order, all channels of one
-// before the next (as bilinear_nhwc_sep), dv and iv of the last R columns in a ring. Sums per output row in A, then
-// in double per block of rows (fixed by the shape: the same result whatever the number of threads). A channel whose
-// sums are not finite is recomputed from its four corners' sums, combined as the reference does.
-template <typename A>
-struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that all channels' corners lie in
-  int64_t r0 = 0, k0 = 0, rows = 0, cols = 0;
-  Window(const Bilinear<A>& q, int64_t C, int64_t sign) {
-    int64_t ylo = std::numeric_limits<int64_t>::max(), yhi = std::numeric_limits<int64_t>::min(), xlo = ylo, xhi = yhi;
-    for (int64_t c = 0; c < C; ++c)
-      for (int o = 0; o < 2; ++o) {
-        const int64_t y = sign * (q.fy[c] + o), x = sign * (q.fx[c] + o);
-        ylo = std::min(ylo, y), yhi = std::max(yhi, y), xlo = std::min(xlo, x), xhi = std::max(xhi, x);
-      }
-    if (C > 0) r0 = ylo, k0 = xlo, rows = yhi - ylo + 1, cols = xhi - xlo + 1;
-  }
-};
+// before the next (as bilinear_nhwc_sep), dv and iv of the last R columns in a ring. Sums in A over whole output rows
+// of at least 64 pixels together, then in double per block of rows (fixed by the shape: the same result whatever the
+// number of threads). A channel whose sums are not finite is recomputed from its four corners' sums, combined as the
+// reference does.
 
 template <int R, typename A>
 struct GradPlan {
