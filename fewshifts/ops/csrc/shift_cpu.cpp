@@ -859,6 +859,38 @@ bool move_nhwc_lines(const U* src, U* dst, const Move& m) {
   return true;
 }
 
+// The traversal shared by the channels_last row kernels that visit pixels in memory order (move_nhwc_pick,
+// bilinear_nhwc_sep, shift_grad_nhwc_sep): output j reads source columns j*S + k0 + u, u < R, whose per-column data
+// (picked rows, vertical sums) sit in a ring of R slots, ring_slot(col). fill(col) computes column col into its slot
+// (zeros outside the image) and out(j) computes output j from the ring. At stride 1 each output brings one new
+// column: fused(j, col) computes it and output j in one pass over the channels (the ring filled with the first
+// R - 1 columns before the row; a new column outside the image takes fill and out).
+inline int64_t ring_slot(int64_t col, int64_t R) { return ((col % R) + R) % R; }
+
+template <int S, int R, typename Fill, typename Fused, typename Out>
+void sweep_columns(int64_t k0, int64_t Ws, int64_t Wo, const Fill& fill, const Fused& fused, const Out& out) {
+  if constexpr (S == 1) {
+    for (int64_t col = k0; col < k0 + R - 1; ++col) fill(col);
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t col = j + k0 + R - 1;
+      if (col >= 0 && col < Ws) {
+        fused(j, col);
+      } else {
+        fill(col);
+        out(j);
+      }
+    }
+  } else {
+    int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t base = j * S + k0;
+      for (int64_t col = std::max(next, base); col < base + R; ++col) fill(col);
+      next = base + R;
+      out(j);
+    }
+  }
+}
+
 // channels_last integer movement by selection, for affine movements o -> o*S + d (the forward movement, any stride,
 // and the stride-1 adjoint) whose displacements all lie within R <= 5 rows and R columns (grouped shifts, and
 // per-channel shifts rounded from within two pixels, as SSL's): per source column, each lane's row is picked from the
@@ -900,12 +932,12 @@ struct PickPlan {
   }
 };
 
-template <int R, bool Stream, typename U>
+template <int S_, int R, bool Stream, typename U>
 void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t Wo, U* orow,
               typename UVec<U>::V* ring) {
   using VU = typename UVec<U>::V;
-  constexpr int64_t L = PickPlan<R, U>::L, K = 2 * (R - 1);
-  const int64_t C = p.C, nv = p.full, S = p.S;
+  constexpr int64_t L = PickPlan<R, U>::L, K = 2 * (R - 1), S = S_;
+  const int64_t C = p.C, nv = p.full;
   const U* row[R];
   for (int t = 0; t < R; ++t) row[t] = rows[t];
   const VU* plan = p.mask.data();
@@ -914,7 +946,6 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
     std::memcpy(&v, q, sizeof(v));
     return v;
   };
-  auto slot = [](int64_t col) { return ((col % R) + R) % R; };
   auto column = [&](const VU* k, int64_t off) {  // each lane's own row of the source column at pixel offset off
     VU s = load(row[0] + off);
     for (int t = 1; t < R; ++t) s = pick_bits<U>(k[t - 1], s, load(row[t] + off));
@@ -925,46 +956,42 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
     for (int u = 1; u < R; ++u) o = pick_bits<U>(k[R - 2 + u], o, w[u]);
     return o;
   };
-  int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
-  for (int64_t j = 0; j < Wo; ++j) {
-    const int64_t base = j * S + p.k0, last = base + R - 1;
+  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * nv; };
+  auto fill = [&](int64_t col) {
+    VU* d = at(col);
+    if (col < 0 || col >= Ws) return std::fill(d, d + nv, VU{});
+    for (int64_t v = 0; v < nv; ++v) d[v] = column(plan + v * K, col * C + v * L);
+  };
+  auto out = [&](int64_t j) {
     const VU* w[R];
-    for (int u = 0; u < R; ++u) w[u] = ring + slot(base + u) * nv;
-    U* o = orow + j * C;
-    if (S == 1 && next == last && last >= 0 && last < Ws) {
-      VU* d = ring + slot(last) * nv;
-      for (int64_t v = 0; v < nv; ++v) {
-        VU win[R];
-        for (int u = 0; u + 1 < R; ++u) win[u] = w[u][v];
-        win[R - 1] = d[v] = column(plan + v * K, last * C + v * L);
-        const VU a = output(plan + v * K, win);
-        put32<Stream>(reinterpret_cast<char*>(o + v * L), &a);
-      }
-    } else {
-      for (int64_t col = std::max(next, base); col <= last; ++col) {
-        VU* d = ring + slot(col) * nv;
-        if (col < 0 || col >= Ws) {
-          std::fill(d, d + nv, VU{});
-          continue;
-        }
-        for (int64_t v = 0; v < nv; ++v) d[v] = column(plan + v * K, col * C + v * L);
-      }
-      for (int64_t v = 0; v < nv; ++v) {
-        VU win[R];
-        for (int u = 0; u < R; ++u) win[u] = w[u][v];
-        const VU a = output(plan + v * K, win);
-        put32<Stream>(reinterpret_cast<char*>(o + v * L), &a);
-      }
+    for (int u = 0; u < R; ++u) w[u] = at(j * S + p.k0 + u);
+    for (int64_t v = 0; v < nv; ++v) {
+      VU win[R];
+      for (int u = 0; u < R; ++u) win[u] = w[u][v];
+      const VU a = output(plan + v * K, win);
+      put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &a);
     }
-    next = last + 1;
-  }
+  };
+  auto fused = [&](int64_t j, int64_t col) {
+    const VU* w[R];
+    for (int u = 0; u + 1 < R; ++u) w[u] = at(col - R + 1 + u);
+    VU* d = at(col);
+    for (int64_t v = 0; v < nv; ++v) {
+      VU win[R];
+      for (int u = 0; u + 1 < R; ++u) win[u] = w[u][v];
+      win[R - 1] = d[v] = column(plan + v * K, col * C + v * L);
+      const VU a = output(plan + v * K, win);
+      put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &a);
+    }
+  };
+  sweep_columns<S_, R>(p.k0, Ws, Wo, fill, fused, out);
 }
 
 // Returns false (nothing done) where the conditions above do not hold.
 template <typename U>
 bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
   const int64_t C = m.C, S = C > 0 ? m.rows[0].sstep : 1;
-  if (C == 0 || reinterpret_cast<uintptr_t>(dst) % 32 != 0) return false;
+  if (C == 0 || (S != 1 && S != 2) || reinterpret_cast<uintptr_t>(dst) % 32 != 0) return false;
   std::vector<int64_t> dy(C), dx(C);
   for (int64_t c = 0; c < C; ++c) {
     const Seg &r = m.rows[c], &k = m.cols[c];
@@ -991,7 +1018,8 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
           rows[t] = sr >= 0 && sr < m.Hs ? img + sr * m.Ws * C : zero_row.data();
         }
         U* orow = dst + q * m.Wd * C;
-        if (p.full > 0) pick_row<R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
+        if (p.full > 0 && S == 1) pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
+        if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
         for (int64_t c = p.full * p.L; c < C; ++c) {  // the partial last vector
           const int64_t sr = i * S + dy[c];
           for (int64_t j = 0; j < m.Wd; ++j) {
@@ -2044,84 +2072,42 @@ bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, 
     std::memcpy(&v, c, sizeof(v));
     return v;
   };
+  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
   FiniteCheck<A> chk;
-  auto slot = [](int64_t col) { return ((col % R) + R) % R; };
-  // vertical sums of column col into its ring slot (0 outside the image)
-  auto vertical = [&](int64_t col) {
-    V* d = ring + slot(col) * nv;
+  auto vertical = [&](int64_t v, int64_t off) {  // vector v's vertical sum of the source column at pixel offset off
+    const A* y = &p.cy[v * R * L];
+    const int64_t len = v < full ? L : tail, c = off + v * L;
+    return w(y) * load(r0 + c, len) + w(y + L) * load(r1 + c, len) + w(y + 2 * L) * load(r2 + c, len);
+  };
+  auto put = [&](int64_t j, int64_t v, const V& h0, const V& h1, const V& h2) {  // output j of vector v
+    const A* x = &p.cx[v * R * L];
+    const V a = w(x) * h0 + w(x + L) * h1 + w(x + 2 * L) * h2;
+    chk.add(a);
+    if (v < full) {
+      sep_store<Stream, true, T, A>(orow + j * C + v * L, a, L);
+    } else {
+      sep_store<Stream, false, T, A>(orow + j * C + v * L, a, tail);
+    }
+  };
+  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * nv; };
+  auto fill = [&](int64_t col) {
+    V* d = at(col);
     if (col < 0 || col >= Ws) return std::fill(d, d + nv, V{});
-    const int64_t off = col * C;
-    for (int64_t v = 0; v < full; ++v) {
-      const A* y = &p.cy[v * R * L];
-      d[v] = w(y) * vload<true, A>(r0 + off + v * L, L) + w(y + L) * vload<true, A>(r1 + off + v * L, L) +
-             w(y + 2 * L) * vload<true, A>(r2 + off + v * L, L);
-    }
-    if (tail) {
-      const A* y = &p.cy[full * R * L];
-      const int64_t c = off + full * L;
-      d[full] = w(y) * vload<false, A>(r0 + c, tail) + w(y + L) * vload<false, A>(r1 + c, tail) +
-                w(y + 2 * L) * vload<false, A>(r2 + c, tail);
-    }
+    for (int64_t v = 0; v < nv; ++v) d[v] = vertical(v, col * C);
   };
-  auto horizontal = [&](int64_t j, const V* h0, const V* h1, const V* h2) {  // output j from the ring
-    T* o = orow + j * C;
+  auto out = [&](int64_t j) {
+    const V *h0 = at(j * S + p.k0), *h1 = at(j * S + p.k0 + 1), *h2 = at(j * S + p.k0 + 2);
+    for (int64_t v = 0; v < nv; ++v) put(j, v, h0[v], h1[v], h2[v]);
+  };
+  auto fused = [&](int64_t j, int64_t col) {
+    const V *h0 = at(col - 2), *h1 = at(col - 1);
+    V* h2 = at(col);
     for (int64_t v = 0; v < nv; ++v) {
-      const A* x = &p.cx[v * R * L];
-      const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * h2[v];
-      chk.add(a);
-      if (v < full) {
-        sep_store<Stream, true, T, A>(o + v * L, a, L);
-      } else {
-        sep_store<Stream, false, T, A>(o + v * L, a, tail);
-      }
+      h2[v] = vertical(v, col * C);
+      put(j, v, h0[v], h1[v], h2[v]);
     }
   };
-  if constexpr (S == 1) {
-    for (int64_t col = p.k0; col < p.k0 + R - 1; ++col) vertical(col);
-    for (int64_t j = 0; j < Wo; ++j) {
-      const int64_t last = j + p.k0 + R - 1;
-      const V* h0 = ring + slot(j + p.k0) * nv;
-      const V* h1 = ring + slot(j + p.k0 + 1) * nv;
-      V* h2 = ring + slot(last) * nv;
-      if (last < 0 || last >= Ws) {  // the new column lies outside the image
-        std::fill(h2, h2 + nv, V{});
-        horizontal(j, h0, h1, h2);
-        continue;
-      }
-      // one new column: its vertical sums and the outputs in one pass over the channels
-      const int64_t off = last * C;
-      T* o = orow + j * C;
-      for (int64_t v = 0; v < full; ++v) {
-        const A* y = &p.cy[v * R * L];
-        const A* x = &p.cx[v * R * L];
-        const V s = w(y) * vload<true, A>(r0 + off + v * L, L) + w(y + L) * vload<true, A>(r1 + off + v * L, L) +
-                    w(y + 2 * L) * vload<true, A>(r2 + off + v * L, L);
-        h2[v] = s;
-        const V a = w(x) * h0[v] + w(x + L) * h1[v] + w(x + 2 * L) * s;
-        chk.add(a);
-        sep_store<Stream, true, T, A>(o + v * L, a, L);
-      }
-      if (tail) {
-        const A* y = &p.cy[full * R * L];
-        const A* x = &p.cx[full * R * L];
-        const int64_t c = off + full * L;
-        const V s = w(y) * vload<false, A>(r0 + c, tail) + w(y + L) * vload<false, A>(r1 + c, tail) +
-                    w(y + 2 * L) * vload<false, A>(r2 + c, tail);
-        h2[full] = s;
-        const V a = w(x) * h0[full] + w(x + L) * h1[full] + w(x + 2 * L) * s;
-        chk.add(a);
-        sep_store<Stream, false, T, A>(o + full * L, a, tail);
-      }
-    }
-  } else {
-    int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
-    for (int64_t j = 0; j < Wo; ++j) {
-      const int64_t base = j * S + p.k0, last = base + R - 1;
-      for (int64_t col = std::max(next, base); col <= last; ++col) vertical(col);
-      next = last + 1;
-      horizontal(j, ring + slot(base) * nv, ring + slot(base + 1) * nv, ring + slot(last) * nv);
-    }
-  }
+  sweep_columns<S, R>(p.k0, Ws, Wo, fill, fused, out);
   return chk.finite();
 }
 
@@ -2244,7 +2230,6 @@ void grad_row(const T* const* rows, const T* grow, const GradPlan<R, A>& p, int6
   for (int t = 0; t < R; ++t) row[t] = rows[t];
   const V* plan = p.k.data();
   auto m = [](const V& v) { return reinterpret_cast<M>(v); };
-  auto slot = [](int64_t col) { return ((col % R) + R) % R; };
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
   // dv and iv of a vector of the source column at pixel offset off
   auto column = [&](const V* k, int64_t off, int64_t len, V& dv, V& iv) {
@@ -2269,57 +2254,59 @@ void grad_row(const T* const* rows, const T* grow, const GradPlan<R, A>& p, int6
     s[0] += gv * (dlo + k[1] * (dhi - dlo));
     s[1] += gv * (ihi - ilo);
   };
+  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * 2 * nv; };
   auto fill = [&](int64_t col) {  // dv and iv of source column col into its ring slot (0 outside the image)
-    V* d = ring + slot(col) * 2 * nv;
+    V* d = at(col);
     if (col < 0 || col >= Ws) return std::fill(d, d + 2 * nv, V{});
     for (int64_t v = 0; v < nv; ++v) column(plan + v * K, col * C + v * L, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
   };
-  if constexpr (S == 1) {
-    // one new column per output: its dv and iv and the output's sums in one pass over the channels
-    for (int64_t col = k0; col < k0 + R - 1; ++col) fill(col);
-    for (int64_t j = 0; j < Wo; ++j) {
-      const int64_t last = j + k0 + R - 1;
-      const bool inside = last >= 0 && last < Ws;
-      const T* gp = grow + j * C;
-      const V* w[R];
-      for (int u = 0; u < R; ++u) w[u] = ring + slot(j + k0 + u) * 2 * nv;
-      V* d = ring + slot(last) * 2 * nv;
-      for (int64_t v = 0; v < nv; ++v) {
-        const int64_t len = v < full ? L : tail;
-        V dvw[R], ivw[R];
-        for (int u = 0; u + 1 < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
-        if (inside) {
-          column(plan + v * K, last * C + v * L, len, dvw[R - 1], ivw[R - 1]);
-        } else {
-          dvw[R - 1] = ivw[R - 1] = V{};
-        }
-        d[2 * v] = dvw[R - 1], d[2 * v + 1] = ivw[R - 1];
-        output(plan + v * K, dvw, ivw, load(gp + v * L, len), acc + 2 * v);
-      }
+  auto out = [&](int64_t j) {
+    const V* w[R];
+    for (int u = 0; u < R; ++u) w[u] = at(j * S + k0 + u);
+    for (int64_t v = 0; v < nv; ++v) {
+      V dvw[R], ivw[R];
+      for (int u = 0; u < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
+      output(plan + v * K, dvw, ivw, load(grow + j * C + v * L, v < full ? L : tail), acc + 2 * v);
     }
-  } else {
-    int64_t next = std::numeric_limits<int64_t>::min();  // first source column not yet in the ring
-    for (int64_t j = 0; j < Wo; ++j) {
-      const int64_t base = j * S + k0, last = base + R - 1;
-      for (int64_t col = std::max(next, base); col <= last; ++col) fill(col);
-      next = last + 1;
-      const V* w[R];
-      for (int u = 0; u < R; ++u) w[u] = ring + slot(base + u) * 2 * nv;
-      for (int64_t v = 0; v < nv; ++v) {
-        V dvw[R], ivw[R];
-        for (int u = 0; u < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
-        output(plan + v * K, dvw, ivw, load(grow + j * C + v * L, v < full ? L : tail), acc + 2 * v);
-      }
+  };
+  auto fused = [&](int64_t j, int64_t col) {
+    const V* w[R];
+    for (int u = 0; u < R; ++u) w[u] = at(col - R + 1 + u);
+    V* d = at(col);
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t len = v < full ? L : tail;
+      V dvw[R], ivw[R];
+      for (int u = 0; u + 1 < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
+      column(plan + v * K, col * C + v * L, len, dvw[R - 1], ivw[R - 1]);
+      d[2 * v] = dvw[R - 1], d[2 * v + 1] = ivw[R - 1];
+      output(plan + v * K, dvw, ivw, load(grow + j * C + v * L, len), acc + 2 * v);
     }
-  }
+  };
+  sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
 }
 
-// per_row(): a callable made once per thread, called as hook(n, i) before each output row (i in [0, Ho)) and
-// hook() after each block of rows: the fused backward computes the input gradient's rows there, while the rows of g
-// that both read are in cache.
+// Work done alongside the shift gradient, row by row: each thread makes one with make(), calls row(n, i) before
+// each output row i of image n and done() after each block of rows. The fused backward computes the input gradient's
+// rows there (GradientRows), while the rows of g that both read are in cache.
+struct NoRows {
+  void row(int64_t, int64_t) {}
+  void done() {}
+};
+
+template <typename T, typename A>
+struct GradientRows {  // the bilinear input gradient (stride 1), one row at a time, with this thread's ring
+  const SepRows<1, T, A>& k;
+  std::vector<typename Vec<A>::V> ring;
+  explicit GradientRows(const SepRows<1, T, A>& k_) : k(k_), ring(kSepTaps * k_.p.nv) {}
+  void row(int64_t n, int64_t i) { k.row(n, i, ring.data()); }
+  void done() {
+    if (k.stream) stream_fence<true>();
+  }
+};
+
 template <int S, typename T, typename A, typename F>
 bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho,
-                         int64_t Wo, const Bilinear<A>& q, double* out, const F& per_row) {
+                         int64_t Wo, const Bilinear<A>& q, double* out, const F& make) {
   const Window<A> win(q, C, 1);
   if (C == 0 || std::max(win.rows, win.cols) > 5) return false;
   auto run = [&](auto r) {
@@ -2336,14 +2323,14 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
     parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
       std::vector<V> ring(2 * R * nv), sums(2 * nv);
       std::vector<double> dy(nv * L), dx(nv * L);
-      auto hook = per_row();
+      auto rows_too = make();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
         const T* img = x + n * H * W * C;
         std::fill(dy.begin(), dy.end(), 0.0);
         std::fill(dx.begin(), dx.end(), 0.0);
         for (int64_t i = i0; i < i1; ++i) {
-          hook(n, i);
+          rows_too.row(n, i);
           const T* rows[R];
           for (int t = 0; t < R; ++t) {
             const int64_t r = i * S + win.r0 + t;
@@ -2355,7 +2342,7 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
             for (int64_t v = 0; v < nv; ++v)
               add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
         }
-        hook();
+        rows_too.done();
         double* part = &partial[item * 2 * C];
         for (int64_t c = 0; c < C; ++c) {
           part[2 * c] = dy[c], part[2 * c + 1] = dx[c];
@@ -2645,22 +2632,13 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
     with_stride(args.stride, [&](auto s) {
       constexpr int S = decltype(s)::value;
       if (cl) {
-        auto no_rows = [] { return [](auto...) {}; };
         const bool bilinear_gx = want_gx && !args.integer_adjoint;
         if (bilinear_gx && want_gs && S == 1) {
           // both gradients in one pass over the rows of g (read once from memory)
           const SepPlan<A> p(q_gx, C, -1);
           if (p.ok) {
             const SepRows<1, scalar_t, A> k(p, gp, gxp, N, Ho, Wo, H, W);
-            auto gx_rows = [&] {
-              return [&k, ring = std::vector<typename Vec<A>::V>(kSepTaps * p.nv)](auto... ni) mutable {
-                if constexpr (sizeof...(ni) == 2) {
-                  k.row(ni..., ring.data());
-                } else if (k.stream) {
-                  stream_fence<true>();
-                }
-              };
-            };
+            auto gx_rows = [&k] { return GradientRows<scalar_t, A>(k); };
             if (shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, gx_rows)) return;
           }
         }
@@ -2668,7 +2646,7 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         if (bilinear_gx && (S != 1 || (!bilinear_nhwc_sep<1>(gp, gxp, N, C, Ho, Wo, H, W, q_gx, -1) &&
                                        !bilinear_nhwc_vec<1>(gp, gxp, N, C, Ho, Wo, H, W, vec_plans(q_gx, C, -1)))))
           bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, Displacements<A>(q_gx, C));
-        if (want_gs && !shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, no_rows))
+        if (want_gs && !shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, [] { return NoRows{}; }))
           shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
