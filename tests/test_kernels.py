@@ -276,16 +276,23 @@ def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, strid
     _assert_same_format(out, reference.bilinear_forward(x, real, stride))
     torch.testing.assert_close(out, reference.bilinear_forward(x, real, stride), **_tol(dtype))
     gx, gs = kernels.bilinear_backward(grad, x, real, stride)
-    torch.testing.assert_close(gx, reference.bilinear_backward_input(grad, real, stride, H, W), **_tol(dtype))
+    ref_gx = reference.bilinear_backward_input(grad, real, stride, H, W)
+    torch.testing.assert_close(gx, ref_gx, **_tol(dtype))
+    # the input gradient alone (x needs no shift gradient) takes another kernel
+    torch.testing.assert_close(kernels.bilinear_backward_input(grad, real, stride, H, W), ref_gx, **_tol(dtype))
     ref_gs = reference.bilinear_backward_shifts(grad, x, real, stride)
     scale = 4 * grad.double().abs().sum() * x.double().abs().max() / channels + 1
     eps = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
-    # the same gradient whatever the number of threads (fixed summation order)
+    gs_only = kernels.bilinear_backward_shifts(grad, x, real, stride)  # another kernel where x needs no gradient
+    torch.testing.assert_close(gs_only.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+    # the same gradients whatever the number of threads (fixed summation order)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(kernels.bilinear_backward_shifts(grad, x, real, stride), gs)
+        assert torch.equal(kernels.bilinear_backward_shifts(grad, x, real, stride), gs_only)
+        gx1, gs1 = kernels.bilinear_backward(grad, x, real, stride)
+        assert torch.equal(gx1, gx) and torch.equal(gs1, gs)
     finally:
         torch.set_num_threads(threads)
 
@@ -328,6 +335,8 @@ def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stri
     Ho, Wo = reference.output_size(7, stride), reference.output_size(9, stride)
     grad = torch.randn(2, 24, Ho, Wo, generator=g)
     grad[0, 7, 1, 2] = float("nan")
+    grad[1, 3, 2, 3] = float("inf")  # inf - inf in a difference of the fused backward's g: nan, where the input
+    grad[1, 9, 0, 0] = -float("inf")  # gradient's sum has inf
     grad = grad.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(kernels.bilinear_forward(x, real, stride), reference.bilinear_forward(x, real, stride),
                                equal_nan=True)

@@ -859,6 +859,12 @@ bool move_nhwc_lines(const U* src, U* dst, const Move& m) {
   return true;
 }
 
+// rows[t] = row r0 + t of img (rows of `len` elements, h of them), or `zero` outside the image
+template <int R, typename T>
+void window_rows(const T* img, int64_t r0, int64_t h, int64_t len, const T* zero, const T** rows) {
+  for (int t = 0; t < R; ++t) rows[t] = r0 + t >= 0 && r0 + t < h ? img + (r0 + t) * len : zero;
+}
+
 // The traversal shared by the channels_last row kernels that visit pixels in memory order (move_nhwc_pick,
 // bilinear_nhwc_sep, shift_grad_nhwc_sep): output j reads source columns j*S + k0 + u, u < R, whose per-column data
 // (picked rows, vertical sums) sit in a ring of R slots, ring_slot(col). fill(col) computes column col into its slot
@@ -1013,10 +1019,7 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
         const int64_t n = q / m.Hd, i = q % m.Hd;
         const U* img = src + n * m.Hs * m.Ws * C;
         const U* rows[R];
-        for (int t = 0; t < R; ++t) {
-          const int64_t sr = i * S + p.r0 + t;
-          rows[t] = sr >= 0 && sr < m.Hs ? img + sr * m.Ws * C : zero_row.data();
-        }
+        window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
         U* orow = dst + q * m.Wd * C;
         if (p.full > 0 && S == 1) pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
         if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
@@ -1296,6 +1299,7 @@ struct Bilinear {
   // corner k = 2 oy + ox of channel c: (fy + oy, fx + ox), weights (1-a)(1-b), (1-a)b, a(1-b), ab
   Disp corner(int64_t c, int64_t k) const { return {fy[c] + k / 2, fx[c] + k % 2}; }
   const A* weights(int64_t c) const { return &w[4 * c]; }
+  bool same(const Bilinear& o) const { return fy == o.fy && fx == o.fx && a == o.a && b == o.b; }
 
   explicit Bilinear(const Tensor& shifts) {
     const Tensor s = shifts.to(at::kDouble).contiguous();
@@ -1595,7 +1599,7 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
     U u;
     std::memcpy(&u, &v, sizeof(u));
     const U nan = reinterpret_cast<U>(v != v);
-    u = (((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & ~nan) | (U{} + 0x7FC0 & nan);
+    u = (((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & ~nan) | ((U{} + 0x7FC0) & nan);
 #ifdef __AVX2__  // values fit 16 bits: unsigned saturation packs them exactly (the generic conversion is scalar)
     const __m256i w = reinterpret_cast<__m256i>(u);
     const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
@@ -1814,6 +1818,52 @@ inline void add_to_double(double* s, const Vec<double>::V& v) {
   std::memcpy(s, &a, sizeof(a));
 }
 
+// The shift gradient of the channels in `bad` (whose fast sums were not finite) as the reference computes it, where
+// the order of operations decides inf or nan: the sums of g * (z3 - z1), g * (z4 - z2), g * (z2 - z1), g * (z4 -
+// z3) over all output pixels (corners outside the image read 0), then (1-b), b and (1-a), a times them. In double.
+template <int S, typename T, typename A>
+void exact_shift_grad(const T* g, const T* x, const Bilinear<A>& q, int64_t N, int64_t C, int64_t H, int64_t W,
+                      int64_t Ho, int64_t Wo, const std::vector<int64_t>& bad, double* out) {
+  parallel(static_cast<int64_t>(bad.size()), N * Ho * Wo, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t c = bad[e];
+      double d13 = 0, d24 = 0, d12 = 0, d34 = 0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t i = 0; i < Ho; ++i)
+          for (int64_t j = 0; j < Wo; ++j) {
+            double z[4];
+            for (int k = 0; k < 4; ++k) {
+              const int64_t r = i * S + q.fy[c] + k / 2, col = j * S + q.fx[c] + k % 2;
+              z[k] = r >= 0 && r < H && col >= 0 && col < W
+                         ? static_cast<double>(static_cast<A>(x[((n * H + r) * W + col) * C + c])) : 0.0;
+            }
+            const double gv = static_cast<double>(static_cast<A>(g[((n * Ho + i) * Wo + j) * C + c]));
+            d13 += gv * (z[2] - z[0]), d24 += gv * (z[3] - z[1]), d12 += gv * (z[1] - z[0]), d34 += gv * (z[3] - z[2]);
+          }
+      const double a = static_cast<double>(q.a[c]), b = static_cast<double>(q.b[c]);
+      out[2 * c] = d13 * (1 - b) + d24 * b;
+      out[2 * c + 1] = d12 * (1 - a) + d34 * a;
+    }
+  });
+}
+
+// out[2 c], out[2 c + 1] += the items' partial sums (items in order: the same result whatever the number of threads);
+// channels whose sums are not finite are recomputed by exact_shift_grad
+template <int S, typename T, typename A>
+void reduce_shift_grad(const std::vector<double>& partial, const T* g, const T* x,
+                       const Bilinear<A>& q, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                       double* out) {
+  std::vector<double> sum(2 * C, 0.0);
+  const int64_t items = C > 0 ? static_cast<int64_t>(partial.size()) / (2 * C) : 0;
+  for (int64_t item = 0; item < items; ++item)
+    for (int64_t k = 0; k < 2 * C; ++k) sum[k] += partial[item * 2 * C + k];
+  std::vector<int64_t> bad;
+  for (int64_t c = 0; c < C; ++c)
+    if (!std::isfinite(sum[2 * c]) || !std::isfinite(sum[2 * c + 1])) bad.push_back(c);
+  if (!bad.empty()) exact_shift_grad<S>(g, x, q, N, C, H, W, Ho, Wo, bad, sum.data());
+  for (int64_t k = 0; k < 2 * C; ++k) out[k] += sum[k];
+}
+
 // Shift gradient, channels_last. Per vector of channels and per displacement d its lanes use,
 // S_d = sum over output pixels p of g[p] * x[p*S + d] (runs of up to 5 consecutive dx share each load of g), on
 // packed, zero-padded rows; then each channel combines its four corners' sums: d/d dy = (1-b)(S3 - S1) +
@@ -1878,8 +1928,7 @@ void shift_grad_nhwc_vec(const T* g, const T* x, int64_t N, int64_t C, int64_t H
       }
     }
   });
-  for (int64_t item = 0; item < items; ++item)
-    for (int64_t k = 0; k < 2 * C; ++k) out[k] += partial[item * 2 * C + k];
+  reduce_shift_grad<S>(partial, g, x, q, N, C, H, W, Ho, Wo, out);
 }
 
 // Bilinear forward (plans of sign +1 on x) and stride-1 adjoint (sign -1 on g), channels_last, on whole channel
@@ -1943,7 +1992,6 @@ FiniteCheck<A> bilinear_vec_row(const A* const* src, const A* const* coef, const
 template <int S, typename T, typename A>
 bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
                        const std::vector<VecPlan<A>>& plans) {
-  using V = typename Vec<A>::V;
   using U = typename Vec<A>::U;
   constexpr int L = Vec<A>::L;
   int64_t dy0, dy1, dx0, dx1;
@@ -1985,19 +2033,22 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 
 
 // ------------------------------------------------------------------------------------------------------------
-// channels_last bilinear shift as two 1-D interpolations: ASL Eq. 8-10 weighs the corners (fy + oy, fx + ox) by
-// wy[oy] wx[ox], wy = (1-a, a), wx = (1-b, b). When every channel's corners lie within R rows r0 .. r0+R-1 and R
-// columns k0 .. k0+R-1 (shifts within a pixel, as ASL initialises them: R = 3), out[i, j] =
-// sum_u cx_u (sum_t cy_t src[i*S + r0 + t, j*S + k0 + u]), with per-channel weights cy, cx (0 at the taps that a
-// channel does not use). Pixels are visited in memory order, all channels of one before the next: three sequential
-// streams of source rows, which the hardware prefetcher follows (visiting a row's pixels per vector of channels
-// instead, with the weights in registers, ran 3x `x.clone()`: each load a new line, latency-bound). The vertical sums
-// of the last R source columns are kept in a ring, so each source value is loaded once per row tap and an output
-// costs 2R multiply-adds at stride 1 (6, not 9). Rows outside the image read a zero row; columns outside it have
-// vertical sum 0. A channel adds 0 * src at the taps it does not use, which is not 0 for inf/nan: an output row that
-// is not all finite is recomputed from each channel's four corners (the reference's terms). The adjoint (input
-// gradient, stride 1) is the same with the displacements negated.
-constexpr int kSepTaps = 3;
+// channels_last bilinear kernels on a window of rows and columns. ASL Eq. 8-10 weighs the corners (fy + oy, fx + ox)
+// by wy[oy] wx[ox], wy = (1-a, a), wx = (1-b, b). When every channel's corners lie within R rows r0 .. r0+R-1 and
+// R columns k0 .. k0+R-1 (R = 3: shifts within a pixel, as ASL initialises them; R = 5: within two), the forward and
+// the adjoint are two 1-D interpolations: out[i, j] = sum_u cx_u (sum_t cy_t src[i*S + r0 + t, j*S + k0 + u]) with
+// per-channel weights (TapWeights, 0 at taps a channel does not use), the vertical sums of the last R source
+// columns in a ring (bilinear_nhwc_sep). The gradient kernels pick each lane's own two rows and columns by blends
+// instead (CornerPicks, pick_rows, pick_cols): they need differences of corners as well as interpolations. Pixels
+// are visited in memory order, all channels of one before the next: R sequential streams of source rows, which the
+// hardware prefetcher follows (visiting a row's pixels per vector of channels instead, with the weights in
+// registers, ran 3x `x.clone()`: each load a new line, latency-bound). Rows outside the image read a zero row;
+// columns outside it are 0 in the ring. A channel adds 0 * src at taps it does not use, which is not 0 for inf/nan:
+// an output row that is not all finite is recomputed from each channel's four corners (the reference's terms). The
+// adjoint (input gradient, stride 1) is the forward with the displacements negated. The forward by picks (two blends
+// and a multiply-add per interpolation) ran 5% faster on one thread but 7% slower on two with streaming stores,
+// which it needed to write through a pixel buffer (stored one vector at a time between the loads, it ran 2x
+// slower); not kept.
 
 template <typename A>
 struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that all channels' corners lie in
@@ -2011,154 +2062,248 @@ struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that al
       }
     if (C > 0) r0 = ylo, k0 = xlo, rows = yhi - ylo + 1, cols = xhi - xlo + 1;
   }
+  int64_t span() const { return std::max(rows, cols); }
 };
 
-template <typename A>
-struct SepPlan {
-  static constexpr int L = Vec<A>::L, R = kSepTaps;
-  const Bilinear<A>& q;
-  int64_t C, sign, nv, r0 = 0, k0 = 0;
-  std::vector<A> cy, cx;  // [vector][tap][lane]
-  bool ok = false;        // all corners within R rows and R columns
-
-  SepPlan(const Bilinear<A>& q_, int64_t C_, int64_t sign_) : q(q_), C(C_), sign(sign_), nv((C_ + L - 1) / L) {
-    const Window<A> win(q, C, sign);
-    ok = C > 0 && win.rows <= R && win.cols <= R;
-    if (!ok) return;
-    r0 = win.r0, k0 = win.k0;
-    cy.assign(nv * R * L, A(0));
-    cx.assign(nv * R * L, A(0));
-    for (int64_t c = 0; c < C; ++c)
-      for (int o = 0; o < 2; ++o) {
-        cy[(c / L * R + sign * (q.fy[c] + o) - r0) * L + c % L] = o ? q.a[c] : A(1) - q.a[c];
-        cx[(c / L * R + sign * (q.fx[c] + o) - k0) * L + c % L] = o ? q.b[c] : A(1) - q.b[c];
-      }
-  }
-  // channel c at output (i, j) from its four corners, skipping those outside the image (the reference's terms)
-  template <int S, typename T>
-  A exact(const T* src, int64_t Hs, int64_t Ws, int64_t i, int64_t j, int64_t c) const {
-    A acc(0);
-    for (int k = 0; k < 4; ++k) {
-      const int64_t r = i * S + sign * (q.fy[c] + k / 2), col = j * S + sign * (q.fx[c] + k % 2);
-      if (r >= 0 && r < Hs && col >= 0 && col < Ws)
-        acc += q.weights(c)[k] * static_cast<A>(src[(r * Ws + col) * C + c]);
-    }
-    return acc;
-  }
-};
-
-template <bool Stream, bool Full, typename T, typename A>
-inline void sep_store(T* o, const typename Vec<A>::V& a, int64_t len) {
-  if constexpr (Full && std::is_same<T, A>::value) {
-    put32<Stream>(reinterpret_cast<char*>(o), &a);
+// Runs f with std::integral_constant<int, R> for the window size R (3 or 5) that holds every corner; false where
+// none does.
+template <typename A, typename F>
+bool with_window(const Window<A>& win, const F& f) {
+  if (win.rows == 0 || win.span() > 5) return false;
+  if (win.span() <= 3) {
+    f(std::integral_constant<int, 3>{});
   } else {
-    vstore<Full, A>(o, a, len);
+    f(std::integral_constant<int, 5>{});
+  }
+  return true;
+}
+
+// Channel c of channels_last output (i, j) from its four corners sign * (fy + oy, fx + ox) (the forward: +1; the
+// input gradient: -1), skipping those outside the image: the reference's terms, for outputs that are not finite.
+template <int S, typename T, typename A>
+A bilinear_exact(const Bilinear<A>& q, int64_t sign, const T* src, int64_t C, int64_t Hs, int64_t Ws, int64_t i,
+                 int64_t j, int64_t c) {
+  A acc(0);
+  for (int k = 0; k < 4; ++k) {
+    const int64_t r = i * S + sign * (q.fy[c] + k / 2), col = j * S + sign * (q.fx[c] + k % 2);
+    if (r >= 0 && r < Hs && col >= 0 && col < Ws) acc += q.weights(c)[k] * static_cast<A>(src[(r * Ws + col) * C + c]);
+  }
+  return acc;
+}
+
+// Per vector of channels: a, b and the bits of the masks that pick each lane's corners from the R x R window.
+template <int R, typename A>
+struct CornerPicks {
+  static constexpr int L = Vec<A>::L, K = 3;  // vectors per channel vector: a, b, the masks' bits
+  using U = typename Vec<A>::U;
+  using V = typename Vec<A>::V;
+  using M = typename Vec<A>::M;
+  int64_t nv = 0;
+  Window<A> win;
+  // [vector][K]: a, b, then bits: the top bit shifted right by t - 1 is set where the lane's lower corner row (of
+  // sign * (fy + oy), oy in {0, 1}) is at least r0 + t, by R - 3 + t where its lower corner column is at least k0 + t
+  // (t = 1 .. R-2). Three vectors per 8 channels: the kernels' per-channel data stays small.
+  std::vector<V> k;
+  CornerPicks(const Bilinear<A>& q, int64_t C, int64_t sign) : nv((C + L - 1) / L), win(q, C, sign), k(nv * K, V{}) {
+    constexpr U top = U(1) << (8 * sizeof(U) - 1);
+    for (int64_t c = 0; c < C; ++c) {
+      A* d = reinterpret_cast<A*>(&k[c / L * K]) + c % L;
+      d[0] = q.a[c], d[L] = q.b[c];
+      const int64_t y = sign > 0 ? q.fy[c] : -q.fy[c] - 1, x = sign > 0 ? q.fx[c] : -q.fx[c] - 1;
+      U bits = 0;
+      for (int t = 1; t < R - 1; ++t) {
+        if (y - win.r0 >= t) bits |= top >> (t - 1);
+        if (x - win.k0 >= t) bits |= top >> (R - 3 + t);
+      }
+      std::memcpy(d + 2 * L, &bits, sizeof(U));
+    }
+  }
+  // the row and column masks for t (their top bits, as pick reads them) of the vector with data k
+  static M row_mask(const V* k, int t) { return reinterpret_cast<M>(k[2]) << (t - 1); }
+  static M col_mask(const V* k, int t) { return reinterpret_cast<M>(k[2]) << (R - 3 + t); }
+};
+
+// Per vector of channels, each lane's weight at the R rows and R columns of the window: cy[t] = wy[oy] where row t
+// is the lane's corner row sign * (fy + oy), 0 elsewhere; cx likewise (the separable forward and adjoint).
+template <int R, typename A>
+struct TapWeights {
+  static constexpr int L = Vec<A>::L, K = 2 * R;  // vectors per channel vector: cy[R], cx[R]
+  using V = typename Vec<A>::V;
+  int64_t nv = 0;
+  Window<A> win;
+  std::vector<V> k;
+  TapWeights(const Bilinear<A>& q, int64_t C, int64_t sign) : nv((C + L - 1) / L), win(q, C, sign), k(nv * K, V{}) {
+    for (int64_t c = 0; c < C; ++c) {
+      A* d = reinterpret_cast<A*>(&k[c / L * K]) + c % L;
+      for (int o = 0; o < 2; ++o) {
+        d[(sign * (q.fy[c] + o) - win.r0) * L] = o ? q.a[c] : A(1) - q.a[c];
+        d[(R + sign * (q.fx[c] + o) - win.k0) * L] = o ? q.b[c] : A(1) - q.b[c];
+      }
+    }
+  }
+};
+
+// lanes of q where the top bit of m is set, of p elsewhere (as AVX's blendv)
+template <typename A>
+inline typename Vec<A>::V pick(const typename Vec<A>::M& m_, const typename Vec<A>::V& p, const typename Vec<A>::V& q) {
+#ifdef __AVX__
+  if constexpr (std::is_same<A, float>::value) {
+    return reinterpret_cast<typename Vec<A>::V>(
+        _mm256_blendv_ps(reinterpret_cast<__m256>(p), reinterpret_cast<__m256>(q), reinterpret_cast<__m256>(m_)));
+  } else {
+    return reinterpret_cast<typename Vec<A>::V>(
+        _mm256_blendv_pd(reinterpret_cast<__m256d>(p), reinterpret_cast<__m256d>(q), reinterpret_cast<__m256d>(m_)));
+  }
+#endif
+  using M = typename Vec<A>::M;
+  const M m = M{} - (m_ >> (8 * sizeof(typename Vec<A>::U) - 1));  // all ones where the top bit is set
+  M pb, qb;
+  std::memcpy(&pb, &p, sizeof(pb));
+  std::memcpy(&qb, &q, sizeof(qb));
+  const M r = (qb & m) | (pb & ~m);
+  typename Vec<A>::V v;
+  std::memcpy(&v, &r, sizeof(v));
+  return v;
+}
+
+// Each lane's lower and upper row (t and t + 1 of the window's R, t from the row masks) of x[0 .. R-1]
+template <int R, typename A>
+inline void pick_rows(const typename Vec<A>::V* k, const typename Vec<A>::V* x, typename Vec<A>::V& lo,
+                      typename Vec<A>::V& hi) {
+  lo = x[0], hi = x[1];
+  for (int t = 1; t < R - 1; ++t) {
+    const typename Vec<A>::M my = CornerPicks<R, A>::row_mask(k, t);
+    lo = pick<A>(my, lo, x[t]);
+    hi = pick<A>(my, hi, x[t + 1]);
   }
 }
 
+// The same for columns: each lane's lower and upper column of w[0 .. R-1]
+template <int R, typename A>
+inline void pick_cols(const typename Vec<A>::V* k, const typename Vec<A>::V* w, typename Vec<A>::V& lo,
+                      typename Vec<A>::V& hi) {
+  lo = w[0], hi = w[1];
+  for (int u = 1; u < R - 1; ++u) {
+    const typename Vec<A>::M mx = CornerPicks<R, A>::col_mask(k, u);
+    lo = pick<A>(mx, lo, w[u]);
+    hi = pick<A>(mx, hi, w[u + 1]);
+  }
+}
+
+
+
 // One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
 // row); ring holds R x nv vectors. Returns whether every output was finite.
-template <int S, bool Stream, typename T, typename A>
-bool sep_row(const T* const* rows, const SepPlan<A>& p, int64_t Ws, int64_t Wo, T* orow, typename Vec<A>::V* ring) {
+template <int S, int R, bool Stream, typename T, typename A>
+bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t Ws, int64_t Wo, T* orow,
+             typename Vec<A>::V* ring) {
   using V = typename Vec<A>::V;
-  constexpr int L = Vec<A>::L, R = kSepTaps;
-  const int64_t C = p.C, nv = p.nv, full = C / L, tail = C - full * L;
-  const T* const r0 = rows[0];
-  const T* const r1 = rows[1];
-  const T* const r2 = rows[2];
-  static_assert(R == 3, "sep_row unrolls three taps");
-  auto w = [](const A* c) {
-    V v;
-    std::memcpy(&v, c, sizeof(v));
-    return v;
-  };
+  constexpr int L = Vec<A>::L, K = TapWeights<R, A>::K;
+  const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
+  const T* row[R];
+  for (int t = 0; t < R; ++t) row[t] = rows[t];
+  const V* plan = p.k.data();
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
-  FiniteCheck<A> chk;
-  auto vertical = [&](int64_t v, int64_t off) {  // vector v's vertical sum of the source column at pixel offset off
-    const A* y = &p.cy[v * R * L];
-    const int64_t len = v < full ? L : tail, c = off + v * L;
-    return w(y) * load(r0 + c, len) + w(y + L) * load(r1 + c, len) + w(y + 2 * L) * load(r2 + c, len);
+  // the vertical sum of vector v (weights k) of a source column (src: its rows' pixels)
+  auto vertical = [&](const V* k, const T* const* src, int64_t v, int64_t len) {
+    V a = k[0] * load(src[0] + v * L, len);
+    for (int t = 1; t < R; ++t) a += k[t] * load(src[t] + v * L, len);
+    return a;
   };
-  auto put = [&](int64_t j, int64_t v, const V& h0, const V& h1, const V& h2) {  // output j of vector v
-    const A* x = &p.cx[v * R * L];
-    const V a = w(x) * h0 + w(x + L) * h1 + w(x + 2 * L) * h2;
+  // output vector v (weights k) from the window's columns w[0 .. R-1] to o (the pixel), checked in chk
+  auto put = [&](const V* k, T* o, int64_t v, int64_t len, const V* w, FiniteCheck<A>& chk) {
+    V a = k[R] * w[0];
+    for (int u = 1; u < R; ++u) a += k[R + u] * w[u];
     chk.add(a);
-    if (v < full) {
-      sep_store<Stream, true, T, A>(orow + j * C + v * L, a, L);
+    if (len == L && std::is_same<T, A>::value) {
+      put32<Stream>(reinterpret_cast<char*>(o + v * L), &a);
+    } else if (len == L) {
+      vstore<true, A>(o + v * L, a, L);
     } else {
-      sep_store<Stream, false, T, A>(orow + j * C + v * L, a, tail);
+      vstore<false, A>(o + v * L, a, len);
     }
   };
+  // Per pixel, the pointers and the check are locals (captured ones are reloaded after every store: a store through
+  // a char* may alias them).
+  FiniteCheck<A> all;
+  auto done = [&](int64_t, const FiniteCheck<A>& chk) { all.bits |= chk.bits; };
   auto at = [&](int64_t col) { return ring + ring_slot(col, R) * nv; };
   auto fill = [&](int64_t col) {
     V* d = at(col);
     if (col < 0 || col >= Ws) return std::fill(d, d + nv, V{});
-    for (int64_t v = 0; v < nv; ++v) d[v] = vertical(v, col * C);
+    const T* src[R];
+    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
+    const V* k = plan;
+    for (int64_t v = 0; v < nv; ++v) d[v] = vertical(k + v * K, src, v, v < full ? L : tail);
   };
   auto out = [&](int64_t j) {
-    const V *h0 = at(j * S + p.k0), *h1 = at(j * S + p.k0 + 1), *h2 = at(j * S + p.k0 + 2);
-    for (int64_t v = 0; v < nv; ++v) put(j, v, h0[v], h1[v], h2[v]);
+    const V* h[R];
+    for (int u = 0; u < R; ++u) h[u] = at(j * S + k0 + u);
+    T* o = orow + j * C;
+    const V* k = plan;
+    FiniteCheck<A> chk;
+    for (int64_t v = 0; v < nv; ++v) {
+      V w[R];
+      for (int u = 0; u < R; ++u) w[u] = h[u][v];
+      put(k + v * K, o, v, v < full ? L : tail, w, chk);
+    }
+    done(j, chk);
   };
   auto fused = [&](int64_t j, int64_t col) {
-    const V *h0 = at(col - 2), *h1 = at(col - 1);
-    V* h2 = at(col);
+    const V* h[R];
+    for (int u = 0; u < R; ++u) h[u] = at(col - R + 1 + u);
+    V* d = at(col);
+    const T* src[R];
+    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
+    T* o = orow + j * C;
+    const V* k = plan;
+    FiniteCheck<A> chk;
     for (int64_t v = 0; v < nv; ++v) {
-      h2[v] = vertical(v, col * C);
-      put(j, v, h0[v], h1[v], h2[v]);
+      const int64_t len = v < full ? L : tail;
+      V w[R];
+      for (int u = 0; u + 1 < R; ++u) w[u] = h[u][v];
+      w[R - 1] = d[v] = vertical(k + v * K, src, v, len);
+      put(k + v * K, o, v, len, w, chk);
     }
+    done(j, chk);
   };
-  sweep_columns<S, R>(p.k0, Ws, Wo, fill, fused, out);
-  return chk.finite();
+  sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
+  return all.finite();
 }
 
-// bilinear_nhwc_sep for one output row (n, i) at a time: source rows, sep_row, the exact recomputation if needed.
-template <int S, typename T, typename A>
-struct SepRows {
-  const SepPlan<A>& p;
-  const T* src;
-  T* dst;
-  int64_t Hs, Ws, Ho, Wo;
-  bool stream;
-  std::vector<T> zero_row;
-  SepRows(const SepPlan<A>& p_, const T* src_, T* dst_, int64_t N, int64_t Hs_, int64_t Ws_, int64_t Ho_, int64_t Wo_)
-      : p(p_), src(src_), dst(dst_), Hs(Hs_), Ws(Ws_), Ho(Ho_), Wo(Wo_),
-        stream(stream_blocks(dst_, N * Ho_ * Wo_, p_.C)), zero_row(Ws_ * p_.C, T(0)) {}
-
-  // ring: kSepTaps * p.nv vectors of the calling thread
-  void row(int64_t n, int64_t i, typename Vec<A>::V* ring) const {
-    constexpr int R = kSepTaps;
-    const int64_t C = p.C;
-    const T* img = src + n * Hs * Ws * C;
-    const T* rows[R];
-    for (int t = 0; t < R; ++t) {
-      const int64_t r = i * S + p.r0 + t;
-      rows[t] = r >= 0 && r < Hs ? img + r * Ws * C : zero_row.data();
-    }
-    T* orow = dst + (n * Ho + i) * Wo * C;
-    const bool finite = stream ? sep_row<S, true>(rows, p, Ws, Wo, orow, ring) : sep_row<S, false>(rows, p, Ws, Wo, orow, ring);
-    if (finite) return;
-    for (int64_t j = 0; j < Wo; ++j)
-      for (int64_t c = 0; c < C; ++c) orow[j * C + c] = static_cast<T>(p.template exact<S>(img, Hs, Ws, i, j, c));
-  }
-};
-
-// Returns false (nothing done) when the corners span more than kSepTaps rows or columns.
+// Returns false (nothing done) when the corners span more than 5 rows or columns.
 template <int S, typename T, typename A>
 bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
                        const Bilinear<A>& q, int64_t sign) {
-  const SepPlan<A> p(q, C, sign);
-  if (!p.ok) return false;
-  const SepRows<S, T, A> k(p, src, dst, N, Hs, Ws, Ho, Wo);
-  const RowBlocks rb(N, Ho);
-  parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
-    std::vector<typename Vec<A>::V> ring(kSepTaps * p.nv);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
-      for (int64_t i = i0; i < i1; ++i) k.row(n, i, ring.data());
-      if (k.stream) stream_fence<true>();
-    }
+  const Window<A> win(q, C, sign);
+  const bool stream = stream_blocks(dst, N * Ho * Wo, C);
+  return with_window(win, [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    const TapWeights<R, A> p(q, C, sign);
+    const std::vector<T> zero_row(Ws * C, T(0));
+    const RowBlocks rb(N, Ho);
+    parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+      using V = typename Vec<A>::V;
+      std::vector<V> ring(R * p.nv);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
+        const T* img = src + n * Hs * Ws * C;
+        for (int64_t i = i0; i < i1; ++i) {
+          const T* rows[R];
+          window_rows<R>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
+          T* orow = dst + (n * Ho + i) * Wo * C;
+          V* rg = ring.data();
+          const bool finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, orow, rg)
+                                     : sep_row<S, R, false>(rows, p, C, Ws, Wo, orow, rg);
+          if (finite) continue;
+          for (int64_t j = 0; j < Wo; ++j)
+            for (int64_t c = 0; c < C; ++c)
+              orow[j * C + c] = static_cast<T>(bilinear_exact<S>(q, sign, img, C, Hs, Ws, i, j, c));
+        }
+        if (stream) stream_fence<true>();
+      }
+    });
   });
-  return true;
 }
 
 
@@ -2170,87 +2315,36 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // iv[fx+1] - iv[fx]; the kernel sums g times each over the output pixels. Pixels in memory order, all channels of one
 // before the next (as bilinear_nhwc_sep), dv and iv of the last R columns in a ring. Sums in A over whole output rows
 // of at least 64 pixels together, then in double per block of rows (fixed by the shape: the same result whatever the
-// number of threads). A channel whose sums are not finite is recomputed from its four corners' sums, combined as the
-// reference does.
-
-template <int R, typename A>
-struct GradPlan {
-  static constexpr int L = Vec<A>::L, K = 2 * R - 2;  // vectors per channel vector: a, b, my[R-2], mx[R-2]
-  using U = typename Vec<A>::U;
-  using V = typename Vec<A>::V;
-  int64_t nv = 0;
-  Window<A> win;
-  std::vector<V> k;  // [vector][K]: a, b, then masks (bit patterns) all ones where fy - r0 >= t, fx - k0 >= t
-  GradPlan(const Bilinear<A>& q, int64_t C) : nv((C + L - 1) / L), win(q, C, 1), k(nv * K, V{}) {
-    for (int64_t c = 0; c < C; ++c) {
-      A* d = reinterpret_cast<A*>(&k[c / L * K]) + c % L;
-      d[0] = q.a[c], d[L] = q.b[c];
-      for (int t = 1; t < R - 1; ++t) {
-        const U my = q.fy[c] - win.r0 >= t ? ~U(0) : U(0), mx = q.fx[c] - win.k0 >= t ? ~U(0) : U(0);
-        std::memcpy(d + (1 + t) * L, &my, sizeof(U));
-        std::memcpy(d + (R - 1 + t) * L, &mx, sizeof(U));
-      }
-    }
-  }
-};
-
-// lanes of q where m is all ones, of p elsewhere
-template <typename A>
-inline typename Vec<A>::V pick(const typename Vec<A>::M& m, const typename Vec<A>::V& p, const typename Vec<A>::V& q) {
-#ifdef __AVX__
-  if constexpr (std::is_same<A, float>::value) {
-    return reinterpret_cast<typename Vec<A>::V>(
-        _mm256_blendv_ps(reinterpret_cast<__m256>(p), reinterpret_cast<__m256>(q), reinterpret_cast<__m256>(m)));
-  } else {
-    return reinterpret_cast<typename Vec<A>::V>(
-        _mm256_blendv_pd(reinterpret_cast<__m256d>(p), reinterpret_cast<__m256d>(q), reinterpret_cast<__m256d>(m)));
-  }
-#endif
-  typename Vec<A>::M pb, qb;
-  std::memcpy(&pb, &p, sizeof(pb));
-  std::memcpy(&qb, &q, sizeof(qb));
-  const typename Vec<A>::M r = (qb & m) | (pb & ~m);
-  typename Vec<A>::V v;
-  std::memcpy(&v, &r, sizeof(v));
-  return v;
-}
+// number of threads). A channel whose sums are not finite is recomputed as the reference computes it
+// (exact_shift_grad).
 
 // Sums over one output row of g * d out/d dy and g * d out/d dx into acc[2 v], acc[2 v + 1] (in A); rows[t] is
 // source row i*S + r0 + t (or a zero row); ring holds R slots of nv (dv, iv) pairs. Per-vector data is interleaved
 // (plan, ring, sums), so that the loop needs few pointers (with one array each, they spilled to the stack; two
 // outputs per pass, sharing the loads and stores of the sums, spilled too and ran 1.3x slower).
 template <int S, int R, typename T, typename A>
-void grad_row(const T* const* rows, const T* grow, const GradPlan<R, A>& p, int64_t C, int64_t Ws, int64_t Wo,
+void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, int64_t C, int64_t Ws, int64_t Wo,
               typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
-  using M = typename Vec<A>::M;
-  constexpr int L = Vec<A>::L, K = GradPlan<R, A>::K;
+  constexpr int L = Vec<A>::L, K = CornerPicks<R, A>::K;
   const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
   const T* row[R];
   for (int t = 0; t < R; ++t) row[t] = rows[t];
   const V* plan = p.k.data();
-  auto m = [](const V& v) { return reinterpret_cast<M>(v); };
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
   // dv and iv of a vector of the source column at pixel offset off
   auto column = [&](const V* k, int64_t off, int64_t len, V& dv, V& iv) {
-    V x[R];
+    V x[R], lo, hi;
     for (int t = 0; t < R; ++t) x[t] = load(row[t] + off, len);
-    V lo = x[0], hi = x[1];
-    for (int t = 1; t < R - 1; ++t) {
-      lo = pick<A>(m(k[1 + t]), lo, x[t]);
-      hi = pick<A>(m(k[1 + t]), hi, x[t + 1]);
-    }
+    pick_rows<R, A>(k, x, lo, hi);
     dv = hi - lo;
     iv = lo + k[0] * dv;
   };
   // adds g times d out/d dy, d out/d dx of an output (dv and iv at its window positions 0 .. R-1) to s[0], s[1]
   auto output = [&](const V* k, const V* dvw, const V* ivw, const V& gv, V* s) {
-    V dlo = dvw[0], dhi = dvw[1], ilo = ivw[0], ihi = ivw[1];
-    for (int u = 1; u < R - 1; ++u) {
-      const M mx = m(k[R - 1 + u]);
-      dlo = pick<A>(mx, dlo, dvw[u]), dhi = pick<A>(mx, dhi, dvw[u + 1]);
-      ilo = pick<A>(mx, ilo, ivw[u]), ihi = pick<A>(mx, ihi, ivw[u + 1]);
-    }
+    V dlo, dhi, ilo, ihi;
+    pick_cols<R, A>(k, dvw, dlo, dhi);
+    pick_cols<R, A>(k, ivw, ilo, ihi);
     s[0] += gv * (dlo + k[1] * (dhi - dlo));
     s[1] += gv * (ihi - ilo);
   };
@@ -2285,95 +2379,186 @@ void grad_row(const T* const* rows, const T* grow, const GradPlan<R, A>& p, int6
   sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
 }
 
-// Work done alongside the shift gradient, row by row: each thread makes one with make(), calls row(n, i) before
-// each output row i of image n and done() after each block of rows. The fused backward computes the input gradient's
-// rows there (GradientRows), while the rows of g that both read are in cache.
-struct NoRows {
-  void row(int64_t, int64_t) {}
-  void done() {}
-};
-
-template <typename T, typename A>
-struct GradientRows {  // the bilinear input gradient (stride 1), one row at a time, with this thread's ring
-  const SepRows<1, T, A>& k;
-  std::vector<typename Vec<A>::V> ring;
-  explicit GradientRows(const SepRows<1, T, A>& k_) : k(k_), ring(kSepTaps * k_.p.nv) {}
-  void row(int64_t n, int64_t i) { k.row(n, i, ring.data()); }
-  void done() {
-    if (k.stream) stream_fence<true>();
-  }
-};
-
-template <int S, typename T, typename A, typename F>
-bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho,
-                         int64_t Wo, const Bilinear<A>& q, double* out, const F& make) {
-  const Window<A> win(q, C, 1);
-  if (C == 0 || std::max(win.rows, win.cols) > 5) return false;
-  auto run = [&](auto r) {
-    constexpr int R = decltype(r)::value;
-    using V = typename Vec<A>::V;
-    constexpr int L = Vec<A>::L;
-    const GradPlan<R, A> p(q, C);
-    const int64_t nv = p.nv;
-    const std::vector<T> zero_row(W * C, T(0));
-    const RowBlocks rb(N, Ho);
-    const int64_t items = N * rb.count;
-    const int64_t flush = std::max<int64_t>(1, 64 / Wo);  // rows summed in A before adding to the double sums
-    std::vector<double> partial(items * 2 * C, 0.0);
-    parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
-      std::vector<V> ring(2 * R * nv), sums(2 * nv);
-      std::vector<double> dy(nv * L), dx(nv * L);
-      auto rows_too = make();
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
-        const T* img = x + n * H * W * C;
-        std::fill(dy.begin(), dy.end(), 0.0);
-        std::fill(dx.begin(), dx.end(), 0.0);
-        for (int64_t i = i0; i < i1; ++i) {
-          rows_too.row(n, i);
-          const T* rows[R];
-          for (int t = 0; t < R; ++t) {
-            const int64_t r = i * S + win.r0 + t;
-            rows[t] = r >= 0 && r < H ? img + r * W * C : zero_row.data();
-          }
-          if ((i - i0) % flush == 0) std::fill(sums.begin(), sums.end(), V{});
-          grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ring.data(), sums.data());
-          if ((i - i0) % flush == flush - 1 || i + 1 == i1)
-            for (int64_t v = 0; v < nv; ++v)
-              add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
-        }
-        rows_too.done();
-        double* part = &partial[item * 2 * C];
-        for (int64_t c = 0; c < C; ++c) {
-          part[2 * c] = dy[c], part[2 * c + 1] = dx[c];
-          if (std::isfinite(dy[c]) && std::isfinite(dx[c])) continue;
-          double s[4] = {0, 0, 0, 0};  // the four corners' sums, then the reference's combination
-          for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = 0; j < Wo; ++j) {
-              const double gv = static_cast<double>(static_cast<A>(g[((n * Ho + i) * Wo + j) * C + c]));
-              for (int k = 0; k < 4; ++k) {
-                const int64_t r = i * S + q.fy[c] + k / 2, col = j * S + q.fx[c] + k % 2;
-                if (r >= 0 && r < H && col >= 0 && col < W)
-                  s[k] += gv * static_cast<double>(static_cast<A>(img[(r * W + col) * C + c]));
-              }
-            }
-          const double a = static_cast<double>(q.a[c]), b = static_cast<double>(q.b[c]);
-          part[2 * c] = (1 - b) * (s[2] - s[0]) + b * (s[3] - s[1]);
-          part[2 * c + 1] = (1 - a) * (s[1] - s[0]) + a * (s[3] - s[2]);
-        }
+// The work items of the channels_last shift-gradient kernels: blocks of `rows` rows of each image (RowBlocks, fixed
+// by the shape: the same sums whatever the number of threads). Each thread makes its per-row work with make();
+// row(n, i, sums) adds row i's terms to sums (two vectors per vector of channels, in A), which are added to double
+// sums after every `flush` rows (at least 64 pixels together). Returns the items' sums, [item][channel][2].
+template <typename A, typename Make>
+std::vector<double> row_block_sums(int64_t N, int64_t rows, int64_t width, int64_t C, const Make& make) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L;
+  const int64_t nv = (C + L - 1) / L;
+  const RowBlocks rb(N, rows);
+  const int64_t items = N * rb.count, flush = std::max<int64_t>(1, 64 / width);
+  std::vector<double> partial(items * 2 * C, 0.0);
+  parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+    auto row = make();
+    std::vector<V> sums(2 * nv);
+    std::vector<double> dy(nv * L), dx(nv * L);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(rows, i0 + rb.per_item);
+      std::fill(dy.begin(), dy.end(), 0.0);
+      std::fill(dx.begin(), dx.end(), 0.0);
+      for (int64_t i = i0; i < i1; ++i) {
+        if ((i - i0) % flush == 0) std::fill(sums.begin(), sums.end(), V{});
+        row(n, i, sums.data());
+        if ((i - i0) % flush == flush - 1 || i + 1 == i1)
+          for (int64_t v = 0; v < nv; ++v)
+            add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
       }
-    });
-    for (int64_t item = 0; item < items; ++item)
-      for (int64_t k = 0; k < 2 * C; ++k) out[k] += partial[item * 2 * C + k];
-  };
-  if (std::max(win.rows, win.cols) <= 3) {
-    run(std::integral_constant<int, 3>{});
-  } else {
-    run(std::integral_constant<int, 5>{});
-  }
-  return true;
+      double* part = &partial[item * 2 * C];
+      for (int64_t c = 0; c < C; ++c) part[2 * c] = dy[c], part[2 * c + 1] = dx[c];
+    }
+  });
+  return partial;
 }
 
+template <int S, typename T, typename A>
+bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho,
+                         int64_t Wo, const Bilinear<A>& q, double* out) {
+  const Window<A> win(q, C, 1);
+  return with_window(win, [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    using V = typename Vec<A>::V;
+    const CornerPicks<R, A> p(q, C, 1);
+    const std::vector<T> zero_row(W * C, T(0));
+    const auto partial = row_block_sums<A>(N, Ho, Wo, C, [&] {
+      return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
+        const T* rows[R];
+        window_rows<R>(x + n * H * W * C, i * S + win.r0, H, W * C, zero_row.data(), rows);
+        grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ring.data(), sums);
+      };
+    });
+    reduce_shift_grad<S>(partial, g, x, q, N, C, H, W, Ho, Wo, out);
+  });
+}
+
+
+// Both bilinear gradients, channels_last, stride 1, in one pass over g and x (ASL Eq. 8-10 differentiated). With G =
+// g zero outside the image, let, per source row i and column c, vd = G[i-fy-1, c] - G[i-fy, c] and vert =
+// G[i-fy, c] + a vd (a channel's own two rows, picked per lane as in grad_row). Then the input gradient is gx[i, j] =
+// vh + b (vl - vh), with vl, vh = vert at columns j-fx-1, j-fx, and, substituting r = p + f + o in the sums over
+// output pixels p, sum_p g[p] d out[p]/d dy = sum_r x[r] (dh + b (dl - dh)) and sum_p g[p] d out[p]/d dx =
+// sum_r x[r] (vl - vh) (dl, dh: vd at those columns): the input gradient's adjoint with the weights differentiated.
+// x is read at the pixel being written, the same for every lane, so only g is picked per lane, and its picks serve
+// both gradients. Pixels in memory order (as bilinear_nhwc_sep), vert and vd of the last R columns of g in a ring;
+// gx with ordinary stores (streamed through a pixel buffer as in sep_row it ran no faster, one vector at a time 1.9x
+// slower); sums as in shift_grad_nhwc_sep, over blocks of source rows. A row of gx that is not all finite is
+// recomputed from each channel's corners, a channel whose sums are not finite as the reference computes it
+// (exact_shift_grad). Per output vector it loads 3 vectors of g and 1 of x, where the separate input-gradient and
+// shift-gradient passes loaded 4 and 3: 1.6-1.9x `x.clone()` at 2 threads, where they took 2.5-3.2x.
+template <int R, typename T, typename A>
+bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>& p, int64_t C, int64_t W, T* gxrow,
+                  typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L, K = CornerPicks<R, A>::K;
+  const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
+  const T* row[R];
+  for (int t = 0; t < R; ++t) row[t] = grows[t];
+  const V* plan = p.k.data();
+  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
+  // vert and vd of vector v (data k) of a column of g (src: its rows' pixels)
+  auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V& vert, V& vd) {
+    V y[R], lo, hi;
+    for (int t = 0; t < R; ++t) y[t] = load(src[t] + v * L, len);
+    pick_rows<R, A>(k, y, lo, hi);
+    vd = lo - hi;
+    vert = hi + k[0] * vd;
+  };
+  // gx of vector v (data k) to o, and the sums' terms in s (x: the pixel of x), from vert and vd at the window's
+  // columns 0 .. R-1
+  auto output = [&](const V* k, const V* vw, const V* dw, T* o, const T* x, int64_t v, int64_t len, V* s,
+                    FiniteCheck<A>& chk) {
+    V vl, vh, dl, dh;
+    pick_cols<R, A>(k, vw, vl, vh);
+    pick_cols<R, A>(k, dw, dl, dh);
+    const V e = vl - vh, gv = vh + k[1] * e;
+    chk.add(gv);
+    if (len == L) {
+      vstore<true, A>(o + v * L, gv, L);
+    } else {
+      vstore<false, A>(o + v * L, gv, len);
+    }
+    const V xv = load(x + v * L, len);
+    s[0] += xv * (dh + k[1] * (dl - dh));
+    s[1] += xv * e;
+  };
+  // per pixel, the pointers and the check are locals (as in sep_row)
+  FiniteCheck<A> all;
+  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * 2 * nv; };
+  auto fill = [&](int64_t col) {  // vert and vd of column col of g into its ring slot (0 outside the image)
+    V* d = at(col);
+    if (col < 0 || col >= W) return std::fill(d, d + 2 * nv, V{});
+    const T* src[R];
+    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
+    const V* k = plan;
+    for (int64_t v = 0; v < nv; ++v) column(k + v * K, src, v, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
+  };
+  auto out = [&](int64_t j) {
+    const V* w[R];
+    for (int u = 0; u < R; ++u) w[u] = at(j + k0 + u);
+    T* o = gxrow + j * C;
+    const T* x = xrow + j * C;
+    const V* k = plan;
+    V* s = acc;
+    FiniteCheck<A> chk;
+    for (int64_t v = 0; v < nv; ++v) {
+      V vw[R], dw[R];
+      for (int u = 0; u < R; ++u) vw[u] = w[u][2 * v], dw[u] = w[u][2 * v + 1];
+      output(k + v * K, vw, dw, o, x, v, v < full ? L : tail, s + 2 * v, chk);
+    }
+    all.bits |= chk.bits;
+  };
+  auto fused = [&](int64_t j, int64_t col) {
+    const V* w[R];
+    for (int u = 0; u < R; ++u) w[u] = at(col - R + 1 + u);
+    V* d = at(col);
+    const T* src[R];
+    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
+    T* o = gxrow + j * C;
+    const T* x = xrow + j * C;
+    const V* k = plan;
+    V* s = acc;
+    FiniteCheck<A> chk;
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t len = v < full ? L : tail;
+      V vw[R], dw[R];
+      for (int u = 0; u + 1 < R; ++u) vw[u] = w[u][2 * v], dw[u] = w[u][2 * v + 1];
+      column(k + v * K, src, v, len, vw[R - 1], dw[R - 1]);
+      d[2 * v] = vw[R - 1], d[2 * v + 1] = dw[R - 1];
+      output(k + v * K, vw, dw, o, x, v, len, s + 2 * v, chk);
+    }
+    all.bits |= chk.bits;
+  };
+  sweep_columns<1, R>(k0, W, W, fill, fused, out);
+  return all.finite();
+}
+
+// Returns false (nothing done) when the corners span more than 5 rows or columns.
+template <typename T, typename A>
+bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, int64_t H, int64_t W,
+                         const Bilinear<A>& q, double* out) {
+  const Window<A> win(q, C, -1);
+  return with_window(win, [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    using V = typename Vec<A>::V;
+    const CornerPicks<R, A> p(q, C, -1);
+    const std::vector<T> zero_row(W * C, T(0));
+    const auto partial = row_block_sums<A>(N, H, W, C, [&] {
+      return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
+        const T* gimg = g + n * H * W * C;
+        const T* rows[R];
+        window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
+        T* gxrow = gx + (n * H + i) * W * C;
+        if (backward_row<R>(rows, x + (n * H + i) * W * C, p, C, W, gxrow, ring.data(), sums)) return;
+        for (int64_t j = 0; j < W; ++j)
+          for (int64_t c = 0; c < C; ++c)
+            gxrow[j * C + c] = static_cast<T>(bilinear_exact<1>(q, -1, gimg, C, H, W, i, j, c));
+      };
+    });
+    reduce_shift_grad<1>(partial, g, x, q, N, C, H, W, H, W, out);
+  });
+}
 
 // ------------------------------------------------------------------------------------------------------------
 // Flat stride-1 NCHW kernels (FlatTaps: one vector loop per plane, no per-row work; see use_flat for where).
@@ -2633,20 +2818,15 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
       constexpr int S = decltype(s)::value;
       if (cl) {
         const bool bilinear_gx = want_gx && !args.integer_adjoint;
-        if (bilinear_gx && want_gs && S == 1) {
-          // both gradients in one pass over the rows of g (read once from memory)
-          const SepPlan<A> p(q_gx, C, -1);
-          if (p.ok) {
-            const SepRows<1, scalar_t, A> k(p, gp, gxp, N, Ho, Wo, H, W);
-            auto gx_rows = [&k] { return GradientRows<scalar_t, A>(k); };
-            if (shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, gx_rows)) return;
-          }
-        }
+        // both gradients in one pass (the same shifts: bilinear_backward)
+        if (bilinear_gx && want_gs && S == 1 && q_gx.same(q_gs) &&
+            backward_nhwc_fused(gp, xp, gxp, N, C, H, W, q_gs, acc))
+          return;
         if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
         if (bilinear_gx && (S != 1 || (!bilinear_nhwc_sep<1>(gp, gxp, N, C, Ho, Wo, H, W, q_gx, -1) &&
                                        !bilinear_nhwc_vec<1>(gp, gxp, N, C, Ho, Wo, H, W, vec_plans(q_gx, C, -1)))))
           bilinear_nhwc<S, true>(gp, gxp, N, C, Ho, Wo, H, W, Displacements<A>(q_gx, C));
-        if (want_gs && !shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc, [] { return NoRows{}; }))
+        if (want_gs && !shift_grad_nhwc_sep<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc))
           shift_grad_nhwc_vec<S>(gp, xp, N, C, H, W, Ho, Wo, q_gs, acc);
         return;
       }
