@@ -2039,7 +2039,7 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // the adjoint are two 1-D interpolations: out[i, j] = sum_u cx_u (sum_t cy_t src[i*S + r0 + t, j*S + k0 + u]) with
 // per-channel weights (TapWeights, 0 at taps a channel does not use), the vertical sums of the last R source
 // columns in a ring (bilinear_nhwc_sep). The gradient kernels pick each lane's own two rows and columns by blends
-// instead (CornerPicks, pick_rows, pick_cols): they need differences of corners as well as interpolations. Pixels
+// instead (CornerPicks, pick_pair): they need differences of corners as well as interpolations. Pixels
 // are visited in memory order, all channels of one before the next: R sequential streams of source rows, which the
 // hardware prefetcher follows (visiting a row's pixels per vector of channels instead, with the weights in
 // registers, ran 3x `x.clone()`: each load a new line, latency-bound). Rows outside the image read a zero row;
@@ -2166,27 +2166,16 @@ inline typename Vec<A>::V pick(const typename Vec<A>::M& m_, const typename Vec<
   return v;
 }
 
-// Each lane's lower and upper row (t and t + 1 of the window's R, t from the row masks) of x[0 .. R-1]
-template <int R, typename A>
-inline void pick_rows(const typename Vec<A>::V* k, const typename Vec<A>::V* x, typename Vec<A>::V& lo,
+// Each lane's lower and upper source row (Cols: column) of the window's R, t and t + 1 for the lane's t (from its
+// mask bits), out of x[0 .. R-1]
+template <int R, bool Cols, typename A>
+inline void pick_pair(const typename Vec<A>::V* k, const typename Vec<A>::V* x, typename Vec<A>::V& lo,
                       typename Vec<A>::V& hi) {
   lo = x[0], hi = x[1];
   for (int t = 1; t < R - 1; ++t) {
-    const typename Vec<A>::M my = CornerPicks<R, A>::row_mask(k, t);
-    lo = pick<A>(my, lo, x[t]);
-    hi = pick<A>(my, hi, x[t + 1]);
-  }
-}
-
-// The same for columns: each lane's lower and upper column of w[0 .. R-1]
-template <int R, typename A>
-inline void pick_cols(const typename Vec<A>::V* k, const typename Vec<A>::V* w, typename Vec<A>::V& lo,
-                      typename Vec<A>::V& hi) {
-  lo = w[0], hi = w[1];
-  for (int u = 1; u < R - 1; ++u) {
-    const typename Vec<A>::M mx = CornerPicks<R, A>::col_mask(k, u);
-    lo = pick<A>(mx, lo, w[u]);
-    hi = pick<A>(mx, hi, w[u + 1]);
+    const typename Vec<A>::M m = Cols ? CornerPicks<R, A>::col_mask(k, t) : CornerPicks<R, A>::row_mask(k, t);
+    lo = pick<A>(m, lo, x[t]);
+    hi = pick<A>(m, hi, x[t + 1]);
   }
 }
 
@@ -2336,15 +2325,15 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
   auto column = [&](const V* k, int64_t off, int64_t len, V& dv, V& iv) {
     V x[R], lo, hi;
     for (int t = 0; t < R; ++t) x[t] = load(row[t] + off, len);
-    pick_rows<R, A>(k, x, lo, hi);
+    pick_pair<R, false, A>(k, x, lo, hi);
     dv = hi - lo;
     iv = lo + k[0] * dv;
   };
   // adds g times d out/d dy, d out/d dx of an output (dv and iv at its window positions 0 .. R-1) to s[0], s[1]
   auto output = [&](const V* k, const V* dvw, const V* ivw, const V& gv, V* s) {
     V dlo, dhi, ilo, ihi;
-    pick_cols<R, A>(k, dvw, dlo, dhi);
-    pick_cols<R, A>(k, ivw, ilo, ihi);
+    pick_pair<R, true, A>(k, dvw, dlo, dhi);
+    pick_pair<R, true, A>(k, ivw, ilo, ihi);
     s[0] += gv * (dlo + k[1] * (dhi - dlo));
     s[1] += gv * (ihi - ilo);
   };
@@ -2461,7 +2450,7 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
   auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V& vert, V& vd) {
     V y[R], lo, hi;
     for (int t = 0; t < R; ++t) y[t] = load(src[t] + v * L, len);
-    pick_rows<R, A>(k, y, lo, hi);
+    pick_pair<R, false, A>(k, y, lo, hi);
     vd = lo - hi;
     vert = hi + k[0] * vd;
   };
@@ -2470,8 +2459,8 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
   auto output = [&](const V* k, const V* vw, const V* dw, T* o, const T* x, int64_t v, int64_t len, V* s,
                     FiniteCheck<A>& chk) {
     V vl, vh, dl, dh;
-    pick_cols<R, A>(k, vw, vl, vh);
-    pick_cols<R, A>(k, dw, dl, dh);
+    pick_pair<R, true, A>(k, vw, vl, vh);
+    pick_pair<R, true, A>(k, dw, dl, dh);
     const V e = vl - vh, gv = vh + k[1] * e;
     chk.add(gv);
     if (len == L) {
