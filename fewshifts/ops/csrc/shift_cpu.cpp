@@ -865,8 +865,8 @@ void window_rows(const T* img, int64_t r0, int64_t h, int64_t len, const T* zero
   for (int t = 0; t < R; ++t) rows[t] = r0 + t >= 0 && r0 + t < h ? img + (r0 + t) * len : zero;
 }
 
-// The traversal shared by the channels_last row kernels that visit pixels in memory order (move_nhwc_pick,
-// bilinear_nhwc_sep, shift_grad_nhwc_sep): output j reads source columns j*S + k0 + u, u < R, whose per-column data
+// The traversal shared by the channels_last row kernels that visit pixels in memory order (move_nhwc_pick, and through
+// ring_row bilinear_nhwc_sep, shift_grad_nhwc_sep, backward_nhwc_fused): output j reads source columns j*S + k0 + u, u < R, whose per-column data
 // (picked rows, vertical sums) sit in a ring of R slots, ring_slot(col). fill(col) computes column col into its slot
 // (zeros outside the image) and out(j) computes output j from the ring. At stride 1 each output brings one new
 // column: fused(j, col) computes it and output j in one pass over the channels (the ring filled with the first
@@ -2181,62 +2181,40 @@ inline void pick_pair(const typename Vec<A>::V* k, const typename Vec<A>::V* x, 
 
 
 
-// One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
-// row); ring holds R x nv vectors. Returns whether every output was finite.
-template <int S, int R, bool Stream, typename T, typename A>
-bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t Ws, int64_t Wo, T* orow,
-             typename Vec<A>::V* ring) {
+// One output row of a pixel-order channels_last kernel on a window of R source rows (rows[t]; a zero row outside
+// the image), all channels of a pixel before the next: per source column and vector v of channels, column(k, src, v,
+// len, d) computes the vector's E ring vectors d[0 .. E-1] from src[t] = rows[t] + col * C (they are 0 for columns
+// outside the image); per output j, output(k, w, j, v, len) uses those of the window's columns, w[u * E + e]. k is
+// the vector's plan (K vectors), len its number of channels. The ring holds R slots of E * nv vectors
+// (sweep_columns). Pointers are copied to locals per pixel: captured ones are reloaded after every store, which a
+// store through a char* may alias.
+template <int S, int R, int E, int K, typename T, typename A, typename Column, typename Output>
+void ring_row(const T* const* rows, const typename Vec<A>::V* plan, int64_t C, int64_t k0, int64_t Ws, int64_t Wo,
+              typename Vec<A>::V* ring, const Column& column, const Output& output) {
   using V = typename Vec<A>::V;
-  constexpr int L = Vec<A>::L, K = TapWeights<R, A>::K;
-  const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
+  constexpr int L = Vec<A>::L;
+  const int64_t nv = (C + L - 1) / L, full = C / L, tail = C - full * L;
   const T* row[R];
   for (int t = 0; t < R; ++t) row[t] = rows[t];
-  const V* plan = p.k.data();
-  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
-  // the vertical sum of vector v (weights k) of a source column (src: its rows' pixels)
-  auto vertical = [&](const V* k, const T* const* src, int64_t v, int64_t len) {
-    V a = k[0] * load(src[0] + v * L, len);
-    for (int t = 1; t < R; ++t) a += k[t] * load(src[t] + v * L, len);
-    return a;
-  };
-  // output vector v (weights k) from the window's columns w[0 .. R-1] to o (the pixel), checked in chk
-  auto put = [&](const V* k, T* o, int64_t v, int64_t len, const V* w, FiniteCheck<A>& chk) {
-    V a = k[R] * w[0];
-    for (int u = 1; u < R; ++u) a += k[R + u] * w[u];
-    chk.add(a);
-    if (len == L && std::is_same<T, A>::value) {
-      put32<Stream>(reinterpret_cast<char*>(o + v * L), &a);
-    } else if (len == L) {
-      vstore<true, A>(o + v * L, a, L);
-    } else {
-      vstore<false, A>(o + v * L, a, len);
-    }
-  };
-  // Per pixel, the pointers and the check are locals (captured ones are reloaded after every store: a store through
-  // a char* may alias them).
-  FiniteCheck<A> all;
-  auto done = [&](int64_t, const FiniteCheck<A>& chk) { all.bits |= chk.bits; };
-  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * nv; };
+  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * E * nv; };
   auto fill = [&](int64_t col) {
     V* d = at(col);
-    if (col < 0 || col >= Ws) return std::fill(d, d + nv, V{});
+    if (col < 0 || col >= Ws) return std::fill(d, d + E * nv, V{});
     const T* src[R];
     for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
     const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) d[v] = vertical(k + v * K, src, v, v < full ? L : tail);
+    for (int64_t v = 0; v < nv; ++v) column(k + v * K, src, v, v < full ? L : tail, d + E * v);
   };
   auto out = [&](int64_t j) {
     const V* h[R];
     for (int u = 0; u < R; ++u) h[u] = at(j * S + k0 + u);
-    T* o = orow + j * C;
     const V* k = plan;
-    FiniteCheck<A> chk;
     for (int64_t v = 0; v < nv; ++v) {
-      V w[R];
-      for (int u = 0; u < R; ++u) w[u] = h[u][v];
-      put(k + v * K, o, v, v < full ? L : tail, w, chk);
+      V w[R * E];
+      for (int u = 0; u < R; ++u)
+        for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
+      output(k + v * K, w, j, v, v < full ? L : tail);
     }
-    done(j, chk);
   };
   auto fused = [&](int64_t j, int64_t col) {
     const V* h[R];
@@ -2244,20 +2222,49 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
     V* d = at(col);
     const T* src[R];
     for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
-    T* o = orow + j * C;
     const V* k = plan;
-    FiniteCheck<A> chk;
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t len = v < full ? L : tail;
-      V w[R];
-      for (int u = 0; u + 1 < R; ++u) w[u] = h[u][v];
-      w[R - 1] = d[v] = vertical(k + v * K, src, v, len);
-      put(k + v * K, o, v, len, w, chk);
+      V w[R * E];
+      for (int u = 0; u + 1 < R; ++u)
+        for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
+      column(k + v * K, src, v, len, w + (R - 1) * E);
+      for (int e = 0; e < E; ++e) d[E * v + e] = w[(R - 1) * E + e];
+      output(k + v * K, w, j, v, len);
     }
-    done(j, chk);
   };
   sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
-  return all.finite();
+}
+
+// One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
+// row); ring holds R x nv vectors. Returns whether every output was finite.
+template <int S, int R, bool Stream, typename T, typename A>
+bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t Ws, int64_t Wo, T* orow,
+             typename Vec<A>::V* ring) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L;
+  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
+  auto vertical = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {
+    V a = k[0] * load(src[0] + v * L, len);
+    for (int t = 1; t < R; ++t) a += k[t] * load(src[t] + v * L, len);
+    d[0] = a;
+  };
+  FiniteCheck<A> chk;
+  auto put = [&](const V* k, const V* w, int64_t j, int64_t v, int64_t len) {
+    V a = k[R] * w[0];
+    for (int u = 1; u < R; ++u) a += k[R + u] * w[u];
+    chk.add(a);
+    T* o = orow + j * C + v * L;
+    if (len == L && std::is_same<T, A>::value) {
+      put32<Stream>(reinterpret_cast<char*>(o), &a);
+    } else if (len == L) {
+      vstore<true, A>(o, a, L);
+    } else {
+      vstore<false, A>(o, a, len);
+    }
+  };
+  ring_row<S, R, 1, TapWeights<R, A>::K, T, A>(rows, p.k.data(), C, p.win.k0, Ws, Wo, ring, vertical, put);
+  return chk.finite();
 }
 
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
@@ -2315,57 +2322,26 @@ template <int S, int R, typename T, typename A>
 void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, int64_t C, int64_t Ws, int64_t Wo,
               typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
-  constexpr int L = Vec<A>::L, K = CornerPicks<R, A>::K;
-  const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
-  const T* row[R];
-  for (int t = 0; t < R; ++t) row[t] = rows[t];
-  const V* plan = p.k.data();
+  constexpr int L = Vec<A>::L;
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
-  // dv and iv of a vector of the source column at pixel offset off
-  auto column = [&](const V* k, int64_t off, int64_t len, V& dv, V& iv) {
+  auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {  // d: dv, iv
     V x[R], lo, hi;
-    for (int t = 0; t < R; ++t) x[t] = load(row[t] + off, len);
+    for (int t = 0; t < R; ++t) x[t] = load(src[t] + v * L, len);
     pick_pair<R, false, A>(k, x, lo, hi);
-    dv = hi - lo;
-    iv = lo + k[0] * dv;
+    d[0] = hi - lo;
+    d[1] = lo + k[0] * d[0];
   };
-  // adds g times d out/d dy, d out/d dx of an output (dv and iv at its window positions 0 .. R-1) to s[0], s[1]
-  auto output = [&](const V* k, const V* dvw, const V* ivw, const V& gv, V* s) {
-    V dlo, dhi, ilo, ihi;
+  // adds g times d out/d dy, d out/d dx of an output (dv, iv at its window positions 0 .. R-1) to the sums
+  auto output = [&](const V* k, const V* w, int64_t j, int64_t v, int64_t len) {
+    V dvw[R], ivw[R], dlo, dhi, ilo, ihi;
+    for (int u = 0; u < R; ++u) dvw[u] = w[2 * u], ivw[u] = w[2 * u + 1];
     pick_pair<R, true, A>(k, dvw, dlo, dhi);
     pick_pair<R, true, A>(k, ivw, ilo, ihi);
-    s[0] += gv * (dlo + k[1] * (dhi - dlo));
-    s[1] += gv * (ihi - ilo);
+    const V gv = load(grow + j * C + v * L, len);
+    acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
+    acc[2 * v + 1] += gv * (ihi - ilo);
   };
-  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * 2 * nv; };
-  auto fill = [&](int64_t col) {  // dv and iv of source column col into its ring slot (0 outside the image)
-    V* d = at(col);
-    if (col < 0 || col >= Ws) return std::fill(d, d + 2 * nv, V{});
-    for (int64_t v = 0; v < nv; ++v) column(plan + v * K, col * C + v * L, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
-  };
-  auto out = [&](int64_t j) {
-    const V* w[R];
-    for (int u = 0; u < R; ++u) w[u] = at(j * S + k0 + u);
-    for (int64_t v = 0; v < nv; ++v) {
-      V dvw[R], ivw[R];
-      for (int u = 0; u < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
-      output(plan + v * K, dvw, ivw, load(grow + j * C + v * L, v < full ? L : tail), acc + 2 * v);
-    }
-  };
-  auto fused = [&](int64_t j, int64_t col) {
-    const V* w[R];
-    for (int u = 0; u < R; ++u) w[u] = at(col - R + 1 + u);
-    V* d = at(col);
-    for (int64_t v = 0; v < nv; ++v) {
-      const int64_t len = v < full ? L : tail;
-      V dvw[R], ivw[R];
-      for (int u = 0; u + 1 < R; ++u) dvw[u] = w[u][2 * v], ivw[u] = w[u][2 * v + 1];
-      column(plan + v * K, col * C + v * L, len, dvw[R - 1], ivw[R - 1]);
-      d[2 * v] = dvw[R - 1], d[2 * v + 1] = ivw[R - 1];
-      output(plan + v * K, dvw, ivw, load(grow + j * C + v * L, len), acc + 2 * v);
-    }
-  };
-  sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
+  ring_row<S, R, 2, CornerPicks<R, A>::K, T, A>(rows, p.k.data(), C, p.win.k0, Ws, Wo, ring, column, output);
 }
 
 // The work items of the channels_last shift-gradient kernels: blocks of `rows` rows of each image (RowBlocks, fixed
@@ -2440,87 +2416,36 @@ template <int R, typename T, typename A>
 bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>& p, int64_t C, int64_t W, T* gxrow,
                   typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
-  constexpr int L = Vec<A>::L, K = CornerPicks<R, A>::K;
-  const int64_t nv = p.nv, full = C / L, tail = C - full * L, k0 = p.win.k0;
-  const T* row[R];
-  for (int t = 0; t < R; ++t) row[t] = grows[t];
-  const V* plan = p.k.data();
+  constexpr int L = Vec<A>::L;
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
-  // vert and vd of vector v (data k) of a column of g (src: its rows' pixels)
-  auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V& vert, V& vd) {
+  auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {  // d: vert, vd of g
     V y[R], lo, hi;
     for (int t = 0; t < R; ++t) y[t] = load(src[t] + v * L, len);
     pick_pair<R, false, A>(k, y, lo, hi);
-    vd = lo - hi;
-    vert = hi + k[0] * vd;
+    d[1] = lo - hi;
+    d[0] = hi + k[0] * d[1];
   };
-  // gx of vector v (data k) to o, and the sums' terms in s (x: the pixel of x), from vert and vd at the window's
-  // columns 0 .. R-1
-  auto output = [&](const V* k, const V* vw, const V* dw, T* o, const T* x, int64_t v, int64_t len, V* s,
-                    FiniteCheck<A>& chk) {
-    V vl, vh, dl, dh;
+  FiniteCheck<A> chk;
+  // gx of output j, vector v, and the sums' terms, from vert and vd at the window's columns 0 .. R-1
+  auto output = [&](const V* k, const V* w, int64_t j, int64_t v, int64_t len) {
+    V vw[R], dw[R], vl, vh, dl, dh;
+    for (int u = 0; u < R; ++u) vw[u] = w[2 * u], dw[u] = w[2 * u + 1];
     pick_pair<R, true, A>(k, vw, vl, vh);
     pick_pair<R, true, A>(k, dw, dl, dh);
     const V e = vl - vh, gv = vh + k[1] * e;
     chk.add(gv);
+    T* o = gxrow + j * C + v * L;
     if (len == L) {
-      vstore<true, A>(o + v * L, gv, L);
+      vstore<true, A>(o, gv, L);
     } else {
-      vstore<false, A>(o + v * L, gv, len);
+      vstore<false, A>(o, gv, len);
     }
-    const V xv = load(x + v * L, len);
-    s[0] += xv * (dh + k[1] * (dl - dh));
-    s[1] += xv * e;
+    const V xv = load(xrow + j * C + v * L, len);
+    acc[2 * v] += xv * (dh + k[1] * (dl - dh));
+    acc[2 * v + 1] += xv * e;
   };
-  // per pixel, the pointers and the check are locals (as in sep_row)
-  FiniteCheck<A> all;
-  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * 2 * nv; };
-  auto fill = [&](int64_t col) {  // vert and vd of column col of g into its ring slot (0 outside the image)
-    V* d = at(col);
-    if (col < 0 || col >= W) return std::fill(d, d + 2 * nv, V{});
-    const T* src[R];
-    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
-    const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) column(k + v * K, src, v, v < full ? L : tail, d[2 * v], d[2 * v + 1]);
-  };
-  auto out = [&](int64_t j) {
-    const V* w[R];
-    for (int u = 0; u < R; ++u) w[u] = at(j + k0 + u);
-    T* o = gxrow + j * C;
-    const T* x = xrow + j * C;
-    const V* k = plan;
-    V* s = acc;
-    FiniteCheck<A> chk;
-    for (int64_t v = 0; v < nv; ++v) {
-      V vw[R], dw[R];
-      for (int u = 0; u < R; ++u) vw[u] = w[u][2 * v], dw[u] = w[u][2 * v + 1];
-      output(k + v * K, vw, dw, o, x, v, v < full ? L : tail, s + 2 * v, chk);
-    }
-    all.bits |= chk.bits;
-  };
-  auto fused = [&](int64_t j, int64_t col) {
-    const V* w[R];
-    for (int u = 0; u < R; ++u) w[u] = at(col - R + 1 + u);
-    V* d = at(col);
-    const T* src[R];
-    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
-    T* o = gxrow + j * C;
-    const T* x = xrow + j * C;
-    const V* k = plan;
-    V* s = acc;
-    FiniteCheck<A> chk;
-    for (int64_t v = 0; v < nv; ++v) {
-      const int64_t len = v < full ? L : tail;
-      V vw[R], dw[R];
-      for (int u = 0; u + 1 < R; ++u) vw[u] = w[u][2 * v], dw[u] = w[u][2 * v + 1];
-      column(k + v * K, src, v, len, vw[R - 1], dw[R - 1]);
-      d[2 * v] = vw[R - 1], d[2 * v + 1] = dw[R - 1];
-      output(k + v * K, vw, dw, o, x, v, len, s + 2 * v, chk);
-    }
-    all.bits |= chk.bits;
-  };
-  sweep_columns<1, R>(k0, W, W, fill, fused, out);
-  return all.finite();
+  ring_row<1, R, 2, CornerPicks<R, A>::K, T, A>(grows, p.k.data(), C, p.win.k0, W, W, ring, column, output);
+  return chk.finite();
 }
 
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
