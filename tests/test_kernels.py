@@ -384,6 +384,42 @@ def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
     assert torch.equal(gx, ref_gx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reach", [1.0, 2.0])
+@pytest.mark.parametrize("channels", [5, 40])
+def test_channels_last_one_pass_backward_matches_reference(kernels, dtype, reach, channels):
+    """channels_last, stride 1, corners within 3 or 5 rows and columns: both gradients of active_shift2d come from
+    one pass over g and x; sparse_shift2d's input gradient is the inverse rounded shift, moved exactly."""
+    g = torch.Generator().manual_seed(channels + int(reach))
+    N, H, W = (1, 37, 13) if channels == 40 else (3, 11, 13)
+    x = torch.randn(N, channels, H, W, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(N, channels, H, W, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    real_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    real = ((torch.rand(channels, 2, generator=g, dtype=torch.float64) * 2 - 1) * reach).to(real_dtype)
+    real[0] = torch.tensor([0.0, 1.0 if reach > 1 else -1.0])  # integral (within reach 1: the 3 x 3 window)
+    real[1] = torch.tensor([0.5, -1.5 if reach > 1 else -0.5])  # ties, rounded to even: 0, -2 (or -0): either corner
+    rounded = torch.round(real)
+    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / channels + 1
+    atol = float((1e-12 if dtype == torch.float64 else 1e-6) * scale)
+    for (gx, gs), (ref_gx, ref_gs) in (
+            (kernels.bilinear_backward(grad, x, real, 1), reference.bilinear_backward(grad, x, real, 1)),
+            (kernels.sparse_backward(grad, x, rounded, real, 1), reference.sparse_backward(grad, x, rounded, real, 1))):
+        _assert_same_format(gx, ref_gx)
+        torch.testing.assert_close(gx, ref_gx, **_tol(dtype))
+        torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=atol)
+    gx, _ = kernels.sparse_backward(grad, x, rounded, real, 1)
+    assert torch.equal(gx, reference.shift_backward(grad, rounded.long(), 1, H, W))  # moved exactly
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.sparse_backward(grad, x, rounded, real, 1)[1],
+                           kernels.sparse_backward(grad, x, rounded, real, 1)[1])
+        one = kernels.sparse_backward(grad, x, rounded, real, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], gx) and torch.equal(one[1], kernels.sparse_backward(grad, x, rounded, real, 1)[1])
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_relu_sparse_kernels_match_reference(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)
