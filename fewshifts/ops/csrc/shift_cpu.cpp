@@ -865,12 +865,13 @@ void window_rows(const T* img, int64_t r0, int64_t h, int64_t len, const T* zero
   for (int t = 0; t < R; ++t) rows[t] = r0 + t >= 0 && r0 + t < h ? img + (r0 + t) * len : zero;
 }
 
-// The traversal shared by the channels_last row kernels that visit pixels in memory order (move_nhwc_pick, and through
-// ring_row bilinear_nhwc_sep, shift_grad_nhwc_sep, backward_nhwc_fused): output j reads source columns j*S + k0 + u, u < R, whose per-column data
-// (picked rows, vertical sums) sit in a ring of R slots, ring_slot(col). fill(col) computes column col into its slot
-// (zeros outside the image) and out(j) computes output j from the ring. At stride 1 each output brings one new
-// column: fused(j, col) computes it and output j in one pass over the channels (the ring filled with the first
-// R - 1 columns before the row; a new column outside the image takes fill and out).
+// The traversal shared by the channels_last row kernels that visit pixels in memory order (through ring_row:
+// move_nhwc_pick, bilinear_nhwc_sep, shift_grad_nhwc_sep, backward_nhwc_fused): output j reads source columns
+// j*S + k0 + u, u < R, whose per-column data (picked rows, vertical sums) sit in a ring of R slots, ring_slot(col).
+// fill(col) computes column col into its slot (zeros outside the image) and out(j) computes output j from the ring.
+// At stride 1 each output brings one new column: fused(j, col) computes it and output j in one pass over the
+// channels (the ring filled with the first R - 1 columns before the row; a new column outside the image takes fill
+// and out).
 inline int64_t ring_slot(int64_t col, int64_t R) { return ((col % R) + R) % R; }
 
 template <int S, int R, typename Fill, typename Fused, typename Out>
@@ -897,6 +898,59 @@ void sweep_columns(int64_t k0, int64_t Ws, int64_t Wo, const Fill& fill, const F
   }
 }
 
+// One output row of a pixel-order channels_last kernel on a window of R source rows (rows[t]; a zero row outside
+// the image), all channels of a pixel before the next: per source column and vector v of channels, column(k, src, v,
+// len, d) computes the vector's E ring vectors d[0 .. E-1] from src[t] = rows[t] + col * C (they are 0 for columns
+// outside the image); per output j, output(k, w, j, v, len) uses those of the window's columns, w[u * E + e]. k is
+// the vector's plan (K vectors), len its number of channels (of L per vector V). Channels [0, n) of each pixel (C
+// elements apart) are visited. The ring holds R slots of E * nv vectors (sweep_columns). Pointers are copied to
+// locals per pixel: captured ones are reloaded after every store, which a store through a char* may alias.
+template <int S, int R, int E, int K, int L, typename T, typename V, typename Column, typename Output>
+void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t k0, int64_t Ws, int64_t Wo, V* ring,
+              const Column& column, const Output& output) {
+  const int64_t nv = (n + L - 1) / L, full = n / L, tail = n - full * L;
+  const T* row[R];
+  for (int t = 0; t < R; ++t) row[t] = rows[t];
+  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * E * nv; };
+  auto fill = [&](int64_t col) {
+    V* d = at(col);
+    if (col < 0 || col >= Ws) return std::fill(d, d + E * nv, V{});
+    const T* src[R];
+    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
+    const V* k = plan;
+    for (int64_t v = 0; v < nv; ++v) column(k + v * K, src, v, v < full ? L : tail, d + E * v);
+  };
+  auto out = [&](int64_t j) {
+    const V* h[R];
+    for (int u = 0; u < R; ++u) h[u] = at(j * S + k0 + u);
+    const V* k = plan;
+    for (int64_t v = 0; v < nv; ++v) {
+      V w[R * E];
+      for (int u = 0; u < R; ++u)
+        for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
+      output(k + v * K, w, j, v, v < full ? L : tail);
+    }
+  };
+  auto fused = [&](int64_t j, int64_t col) {
+    const V* h[R];
+    for (int u = 0; u < R; ++u) h[u] = at(col - R + 1 + u);
+    V* d = at(col);
+    const T* src[R];
+    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
+    const V* k = plan;
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t len = v < full ? L : tail;
+      V w[R * E];
+      for (int u = 0; u + 1 < R; ++u)
+        for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
+      column(k + v * K, src, v, len, w + (R - 1) * E);
+      for (int e = 0; e < E; ++e) d[E * v + e] = w[(R - 1) * E + e];
+      output(k + v * K, w, j, v, len);
+    }
+  };
+  sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
+}
+
 // channels_last integer movement by selection, for affine movements o -> o*S + d (the forward movement, any stride,
 // and the stride-1 adjoint) whose displacements all lie within R <= 5 rows and R columns (grouped shifts, and
 // per-channel shifts rounded from within two pixels, as SSL's): per source column, each lane's row is picked from the
@@ -920,7 +974,7 @@ inline typename UVec<U>::V pick_bits(const typename UVec<U>::V& m, const typenam
 template <int R, typename U>
 struct PickPlan {
   using VU = typename UVec<U>::V;
-  static constexpr int64_t L = 32 / sizeof(U);
+  static constexpr int L = 32 / sizeof(U);
   int64_t C, S, full, r0, k0;
   std::vector<int64_t> dy, dx;
   std::vector<VU> mask;  // [vector][2 ]: all ones where dy - r0 >= t (t = 1 .. R-1), then dx - k0 >= u
@@ -938,59 +992,28 @@ struct PickPlan {
   }
 };
 
-template <int S_, int R, bool Stream, typename U>
+template <int S, int R, bool Stream, typename U>
 void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t Wo, U* orow,
               typename UVec<U>::V* ring) {
   using VU = typename UVec<U>::V;
-  constexpr int64_t L = PickPlan<R, U>::L, K = 2 * (R - 1), S = S_;
-  const int64_t C = p.C, nv = p.full;
-  const U* row[R];
-  for (int t = 0; t < R; ++t) row[t] = rows[t];
-  const VU* plan = p.mask.data();
+  constexpr int L = PickPlan<R, U>::L, K = 2 * (R - 1);
+  const int64_t C = p.C;
   auto load = [](const U* q) {
     VU v;
     std::memcpy(&v, q, sizeof(v));
     return v;
   };
-  auto column = [&](const VU* k, int64_t off) {  // each lane's own row of the source column at pixel offset off
-    VU s = load(row[0] + off);
-    for (int t = 1; t < R; ++t) s = pick_bits<U>(k[t - 1], s, load(row[t] + off));
-    return s;
+  auto column = [&](const VU* k, const U* const* src, int64_t v, int64_t, VU* d) {  // each lane's own row
+    VU s = load(src[0] + v * L);
+    for (int t = 1; t < R; ++t) s = pick_bits<U>(k[t - 1], s, load(src[t] + v * L));
+    d[0] = s;
   };
-  auto output = [&](const VU* k, const VU* w) {  // each lane's own column of the window
+  auto output = [&](const VU* k, const VU* w, int64_t j, int64_t v, int64_t) {  // each lane's own column
     VU o = w[0];
     for (int u = 1; u < R; ++u) o = pick_bits<U>(k[R - 2 + u], o, w[u]);
-    return o;
+    put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &o);
   };
-  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * nv; };
-  auto fill = [&](int64_t col) {
-    VU* d = at(col);
-    if (col < 0 || col >= Ws) return std::fill(d, d + nv, VU{});
-    for (int64_t v = 0; v < nv; ++v) d[v] = column(plan + v * K, col * C + v * L);
-  };
-  auto out = [&](int64_t j) {
-    const VU* w[R];
-    for (int u = 0; u < R; ++u) w[u] = at(j * S + p.k0 + u);
-    for (int64_t v = 0; v < nv; ++v) {
-      VU win[R];
-      for (int u = 0; u < R; ++u) win[u] = w[u][v];
-      const VU a = output(plan + v * K, win);
-      put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &a);
-    }
-  };
-  auto fused = [&](int64_t j, int64_t col) {
-    const VU* w[R];
-    for (int u = 0; u + 1 < R; ++u) w[u] = at(col - R + 1 + u);
-    VU* d = at(col);
-    for (int64_t v = 0; v < nv; ++v) {
-      VU win[R];
-      for (int u = 0; u + 1 < R; ++u) win[u] = w[u][v];
-      win[R - 1] = d[v] = column(plan + v * K, col * C + v * L);
-      const VU a = output(plan + v * K, win);
-      put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &a);
-    }
-  };
-  sweep_columns<S_, R>(p.k0, Ws, Wo, fill, fused, out);
+  ring_row<S, R, 1, K, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ring, column, output);
 }
 
 // Returns false (nothing done) where the conditions above do not hold.
@@ -1007,7 +1030,7 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
   const int64_t span = std::max(*std::max_element(dy.begin(), dy.end()) - *std::min_element(dy.begin(), dy.end()),
                                 *std::max_element(dx.begin(), dx.end()) - *std::min_element(dx.begin(), dx.end()));
   if (span >= 5) return false;
-  const bool stream = (C * sizeof(U)) % 32 == 0 && stream_output(m.N * m.Hd * m.Wd * C * static_cast<int64_t>(sizeof(U)));
+  const bool stream = stream_blocks(dst, m.N * m.Hd * m.Wd, C);
   auto run = [&](auto r, auto st) {
     constexpr int R = decltype(r)::value;
     constexpr bool Stream = decltype(st)::value;
@@ -2078,17 +2101,22 @@ bool with_window(const Window<A>& win, const F& f) {
   return true;
 }
 
-// Channel c of channels_last output (i, j) from its four corners sign * (fy + oy, fx + ox) (the forward: +1; the
-// input gradient: -1), skipping those outside the image: the reference's terms, for outputs that are not finite.
+// Channels_last output row i (Wo pixels of C channels) from each channel's four corners sign * (fy + oy, fx + ox)
+// (the forward: +1; the input gradient: -1) of the image src, skipping those outside it: the reference's terms, for
+// rows whose outputs are not all finite.
 template <int S, typename T, typename A>
-A bilinear_exact(const Bilinear<A>& q, int64_t sign, const T* src, int64_t C, int64_t Hs, int64_t Ws, int64_t i,
-                 int64_t j, int64_t c) {
-  A acc(0);
-  for (int k = 0; k < 4; ++k) {
-    const int64_t r = i * S + sign * (q.fy[c] + k / 2), col = j * S + sign * (q.fx[c] + k % 2);
-    if (r >= 0 && r < Hs && col >= 0 && col < Ws) acc += q.weights(c)[k] * static_cast<A>(src[(r * Ws + col) * C + c]);
-  }
-  return acc;
+void bilinear_exact_row(const Bilinear<A>& q, int64_t sign, const T* src, int64_t C, int64_t Hs, int64_t Ws,
+                        int64_t i, int64_t Wo, T* orow) {
+  for (int64_t j = 0; j < Wo; ++j)
+    for (int64_t c = 0; c < C; ++c) {
+      A acc(0);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t r = i * S + sign * (q.fy[c] + k / 2), col = j * S + sign * (q.fx[c] + k % 2);
+        if (r >= 0 && r < Hs && col >= 0 && col < Ws)
+          acc += q.weights(c)[k] * static_cast<A>(src[(r * Ws + col) * C + c]);
+      }
+      orow[j * C + c] = static_cast<T>(acc);
+    }
 }
 
 // Per vector of channels: a, b and the bits of the masks that pick each lane's corners from the R x R window.
@@ -2181,60 +2209,6 @@ inline void pick_pair(const typename Vec<A>::V* k, const typename Vec<A>::V* x, 
 
 
 
-// One output row of a pixel-order channels_last kernel on a window of R source rows (rows[t]; a zero row outside
-// the image), all channels of a pixel before the next: per source column and vector v of channels, column(k, src, v,
-// len, d) computes the vector's E ring vectors d[0 .. E-1] from src[t] = rows[t] + col * C (they are 0 for columns
-// outside the image); per output j, output(k, w, j, v, len) uses those of the window's columns, w[u * E + e]. k is
-// the vector's plan (K vectors), len its number of channels. The ring holds R slots of E * nv vectors
-// (sweep_columns). Pointers are copied to locals per pixel: captured ones are reloaded after every store, which a
-// store through a char* may alias.
-template <int S, int R, int E, int K, typename T, typename A, typename Column, typename Output>
-void ring_row(const T* const* rows, const typename Vec<A>::V* plan, int64_t C, int64_t k0, int64_t Ws, int64_t Wo,
-              typename Vec<A>::V* ring, const Column& column, const Output& output) {
-  using V = typename Vec<A>::V;
-  constexpr int L = Vec<A>::L;
-  const int64_t nv = (C + L - 1) / L, full = C / L, tail = C - full * L;
-  const T* row[R];
-  for (int t = 0; t < R; ++t) row[t] = rows[t];
-  auto at = [&](int64_t col) { return ring + ring_slot(col, R) * E * nv; };
-  auto fill = [&](int64_t col) {
-    V* d = at(col);
-    if (col < 0 || col >= Ws) return std::fill(d, d + E * nv, V{});
-    const T* src[R];
-    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
-    const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) column(k + v * K, src, v, v < full ? L : tail, d + E * v);
-  };
-  auto out = [&](int64_t j) {
-    const V* h[R];
-    for (int u = 0; u < R; ++u) h[u] = at(j * S + k0 + u);
-    const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) {
-      V w[R * E];
-      for (int u = 0; u < R; ++u)
-        for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
-      output(k + v * K, w, j, v, v < full ? L : tail);
-    }
-  };
-  auto fused = [&](int64_t j, int64_t col) {
-    const V* h[R];
-    for (int u = 0; u < R; ++u) h[u] = at(col - R + 1 + u);
-    V* d = at(col);
-    const T* src[R];
-    for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
-    const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) {
-      const int64_t len = v < full ? L : tail;
-      V w[R * E];
-      for (int u = 0; u + 1 < R; ++u)
-        for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
-      column(k + v * K, src, v, len, w + (R - 1) * E);
-      for (int e = 0; e < E; ++e) d[E * v + e] = w[(R - 1) * E + e];
-      output(k + v * K, w, j, v, len);
-    }
-  };
-  sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
-}
 
 // One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
 // row); ring holds R x nv vectors. Returns whether every output was finite.
@@ -2263,7 +2237,7 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
       vstore<false, A>(o, a, len);
     }
   };
-  ring_row<S, R, 1, TapWeights<R, A>::K, T, A>(rows, p.k.data(), C, p.win.k0, Ws, Wo, ring, vertical, put);
+  ring_row<S, R, 1, TapWeights<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ring, vertical, put);
   return chk.finite();
 }
 
@@ -2291,10 +2265,7 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
           V* rg = ring.data();
           const bool finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, orow, rg)
                                      : sep_row<S, R, false>(rows, p, C, Ws, Wo, orow, rg);
-          if (finite) continue;
-          for (int64_t j = 0; j < Wo; ++j)
-            for (int64_t c = 0; c < C; ++c)
-              orow[j * C + c] = static_cast<T>(bilinear_exact<S>(q, sign, img, C, Hs, Ws, i, j, c));
+          if (!finite) bilinear_exact_row<S>(q, sign, img, C, Hs, Ws, i, Wo, orow);
         }
         if (stream) stream_fence<true>();
       }
@@ -2341,7 +2312,7 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
     acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
     acc[2 * v + 1] += gv * (ihi - ilo);
   };
-  ring_row<S, R, 2, CornerPicks<R, A>::K, T, A>(rows, p.k.data(), C, p.win.k0, Ws, Wo, ring, column, output);
+  ring_row<S, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ring, column, output);
 }
 
 // The work items of the channels_last shift-gradient kernels: blocks of `rows` rows of each image (RowBlocks, fixed
@@ -2444,7 +2415,7 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
     acc[2 * v] += xv * (dh + k[1] * (dl - dh));
     acc[2 * v + 1] += xv * e;
   };
-  ring_row<1, R, 2, CornerPicks<R, A>::K, T, A>(grows, p.k.data(), C, p.win.k0, W, W, ring, column, output);
+  ring_row<1, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(grows, p.k.data(), C, C, p.win.k0, W, W, ring, column, output);
   return chk.finite();
 }
 
@@ -2464,10 +2435,8 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
         const T* rows[R];
         window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
         T* gxrow = gx + (n * H + i) * W * C;
-        if (backward_row<R>(rows, x + (n * H + i) * W * C, p, C, W, gxrow, ring.data(), sums)) return;
-        for (int64_t j = 0; j < W; ++j)
-          for (int64_t c = 0; c < C; ++c)
-            gxrow[j * C + c] = static_cast<T>(bilinear_exact<1>(q, -1, gimg, C, H, W, i, j, c));
+        if (!backward_row<R>(rows, x + (n * H + i) * W * C, p, C, W, gxrow, ring.data(), sums))
+          bilinear_exact_row<1>(q, -1, gimg, C, H, W, i, W, gxrow);
       };
     });
     reduce_shift_grad<1>(partial, g, x, q, N, C, H, W, H, W, out);
