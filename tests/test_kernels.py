@@ -200,6 +200,21 @@ def test_integer_kernels_nchw_whole_vector_planes(kernels, plane_form, stores, d
         assert torch.equal(kernels.shift_backward(x, shifts, 1, h, w), reference.shift_backward(x, shifts, 1, h, w))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bilinear_forward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
+    """NCHW planes of whole 32-byte vectors, where the flat bilinear forward can stream its stores, each a fixed
+    number of vectors behind the loads (FlatOut): planes shorter than that lag (2x8), shifts within a pixel, up to 3
+    rows (a lag past its cap of 32 vectors: 3 rows of 112 floats) and beyond the image, against the reference."""
+    g = torch.Generator().manual_seed(6)
+    for h, w in [(2, 8), (8, 12), (32, 32), (6, 112)]:
+        shifts = (torch.rand(40, 2, generator=g) * 2 - 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        shifts[3], shifts[4] = torch.tensor([h + 0.5, 0.25]), torch.tensor([0.75, -(w + 3.5)])
+        shifts[5], shifts[6] = torch.tensor([-2.5, 0.5]), torch.tensor([2.25, -1.75])
+        x = torch.randn(3, 40, h, w, generator=g).to(dtype)
+        out = kernels.bilinear_forward(x, shifts, 1)
+        torch.testing.assert_close(out, reference.bilinear_forward(x, shifts, 1), **_tol(dtype))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_kernels_whole_line_runs(kernels, stores, dtype, stride):
