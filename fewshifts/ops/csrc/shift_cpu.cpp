@@ -201,6 +201,19 @@ bool stream_blocks(const T* dst, int64_t count, int64_t len) {
          stream_output(count * len * static_cast<int64_t>(sizeof(T)));
 }
 
+// How far ahead (elements: whole pixels of C elements, at least 8 KB) the channels_last row kernels prefetch their
+// newest source row, where the source (`bytes`) exceeds the last-level cache and so comes from memory; 0: no
+// prefetch. (At 32x576x32x32 the hardware prefetchers, following that row among the cached ones, left the separable
+// forward 10-15% slower; for an input that stays cached the prefetches only cost time.)
+template <typename T>
+int64_t prefetch_ahead(int64_t bytes, int64_t C) {
+  static const int64_t llc = last_level_cache_bytes();
+  const char* e = std::getenv("FEWSHIFTS_PREFETCH");
+  if (C <= 0 || (e != nullptr && e[0] == '0') || ((e == nullptr || e[0] != '1') && bytes <= llc)) return 0;
+  const int64_t pixel = C * static_cast<int64_t>(sizeof(T));
+  return (8192 + pixel - 1) / pixel * C;
+}
+
 template <typename T>
 void copy_n(T* dst, const T* src, int64_t n) {
   copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
@@ -903,11 +916,12 @@ void sweep_columns(int64_t k0, int64_t Ws, int64_t Wo, const Fill& fill, const F
 // len, d) computes the vector's E ring vectors d[0 .. E-1] from src[t] = rows[t] + col * C (they are 0 for columns
 // outside the image); per output j, output(k, w, j, v, len) uses those of the window's columns, w[u * E + e]. k is
 // the vector's plan (K vectors), len its number of channels (of L per vector V). Channels [0, n) of each pixel (C
-// elements apart) are visited. The ring holds R slots of E * nv vectors (sweep_columns). Pointers are copied to
+// elements apart) are visited. The ring holds R slots of E * nv vectors (sweep_columns). With ahead != 0 each new
+// column prefetches rows[R-1] `ahead` elements on (prefetch_ahead). Pointers are copied to
 // locals per pixel: captured ones are reloaded after every store, which a store through a char* may alias.
 template <int S, int R, int E, int K, int L, typename T, typename V, typename Column, typename Output>
-void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t k0, int64_t Ws, int64_t Wo, V* ring,
-              const Column& column, const Output& output) {
+void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t k0, int64_t Ws, int64_t Wo,
+              int64_t ahead, V* ring, const Column& column, const Output& output) {
   const int64_t nv = (n + L - 1) / L, full = n / L, tail = n - full * L;
   const T* row[R];
   for (int t = 0; t < R; ++t) row[t] = rows[t];
@@ -918,7 +932,10 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     const T* src[R];
     for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
     const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) column(k + v * K, src, v, v < full ? L : tail, d + E * v);
+    for (int64_t v = 0; v < nv; ++v) {
+      if (ahead != 0) __builtin_prefetch(src[R - 1] + v * L + ahead);
+      column(k + v * K, src, v, v < full ? L : tail, d + E * v);
+    }
   };
   auto out = [&](int64_t j) {
     const V* h[R];
@@ -939,6 +956,7 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
     const V* k = plan;
     for (int64_t v = 0; v < nv; ++v) {
+      if (ahead != 0) __builtin_prefetch(src[R - 1] + v * L + ahead);
       const int64_t len = v < full ? L : tail;
       V w[R * E];
       for (int u = 0; u + 1 < R; ++u)
@@ -993,7 +1011,7 @@ struct PickPlan {
 };
 
 template <int S, int R, bool Stream, typename U>
-void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t Wo, U* orow,
+void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t Wo, int64_t ahead, U* orow,
               typename UVec<U>::V* ring) {
   using VU = typename UVec<U>::V;
   constexpr int L = PickPlan<R, U>::L, K = 2 * (R - 1);
@@ -1013,7 +1031,7 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
     for (int u = 1; u < R; ++u) o = pick_bits<U>(k[R - 2 + u], o, w[u]);
     put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &o);
   };
-  ring_row<S, R, 1, K, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ring, column, output);
+  ring_row<S, R, 1, K, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ahead, ring, column, output);
 }
 
 // Returns false (nothing done) where the conditions above do not hold.
@@ -1031,6 +1049,7 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
                                 *std::max_element(dx.begin(), dx.end()) - *std::min_element(dx.begin(), dx.end()));
   if (span >= 5) return false;
   const bool stream = stream_blocks(dst, m.N * m.Hd * m.Wd, C);
+  const int64_t ahead = prefetch_ahead<U>(m.N * m.Hs * m.Ws * C * static_cast<int64_t>(sizeof(U)), C);
   auto run = [&](auto r, auto st) {
     constexpr int R = decltype(r)::value;
     constexpr bool Stream = decltype(st)::value;
@@ -1044,8 +1063,8 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
         const U* rows[R];
         window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
         U* orow = dst + q * m.Wd * C;
-        if (p.full > 0 && S == 1) pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
-        if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, orow, ring.data());
+        if (p.full > 0 && S == 1) pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
+        if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
         for (int64_t c = p.full * p.L; c < C; ++c) {  // the partial last vector
           const int64_t sr = i * S + dy[c];
           for (int64_t j = 0; j < m.Wd; ++j) {
@@ -2213,8 +2232,8 @@ inline void pick_pair(const typename Vec<A>::V* k, const typename Vec<A>::V* x, 
 // One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
 // row); ring holds R x nv vectors. Returns whether every output was finite.
 template <int S, int R, bool Stream, typename T, typename A>
-bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t Ws, int64_t Wo, T* orow,
-             typename Vec<A>::V* ring) {
+bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t Ws, int64_t Wo, int64_t ahead,
+             T* orow, typename Vec<A>::V* ring) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
@@ -2237,7 +2256,8 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
       vstore<false, A>(o, a, len);
     }
   };
-  ring_row<S, R, 1, TapWeights<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ring, vertical, put);
+  ring_row<S, R, 1, TapWeights<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring, vertical,
+                                                     put);
   return chk.finite();
 }
 
@@ -2247,6 +2267,7 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
                        const Bilinear<A>& q, int64_t sign) {
   const Window<A> win(q, C, sign);
   const bool stream = stream_blocks(dst, N * Ho * Wo, C);
+  const int64_t ahead = prefetch_ahead<T>(N * Hs * Ws * C * static_cast<int64_t>(sizeof(T)), C);
   return with_window(win, [&](auto r) {
     constexpr int R = decltype(r)::value;
     const TapWeights<R, A> p(q, C, sign);
@@ -2263,8 +2284,8 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
           window_rows<R>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
           T* orow = dst + (n * Ho + i) * Wo * C;
           V* rg = ring.data();
-          const bool finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, orow, rg)
-                                     : sep_row<S, R, false>(rows, p, C, Ws, Wo, orow, rg);
+          const bool finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
+                                     : sep_row<S, R, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
           if (!finite) bilinear_exact_row<S>(q, sign, img, C, Hs, Ws, i, Wo, orow);
         }
         if (stream) stream_fence<true>();
@@ -2291,7 +2312,7 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // outputs per pass, sharing the loads and stores of the sums, spilled too and ran 1.3x slower).
 template <int S, int R, typename T, typename A>
 void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, int64_t C, int64_t Ws, int64_t Wo,
-              typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
+              int64_t ahead, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
@@ -2312,7 +2333,8 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
     acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
     acc[2 * v + 1] += gv * (ihi - ilo);
   };
-  ring_row<S, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ring, column, output);
+  ring_row<S, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring, column,
+                                                     output);
 }
 
 // The work items of the channels_last shift-gradient kernels: blocks of `rows` rows of each image (RowBlocks, fixed
@@ -2358,11 +2380,12 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
     using V = typename Vec<A>::V;
     const CornerPicks<R, A> p(q, C, 1);
     const std::vector<T> zero_row(W * C, T(0));
+    const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
     const auto partial = row_block_sums<A>(N, Ho, Wo, C, [&] {
       return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
         const T* rows[R];
         window_rows<R>(x + n * H * W * C, i * S + win.r0, H, W * C, zero_row.data(), rows);
-        grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ring.data(), sums);
+        grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ahead, ring.data(), sums);
       };
     });
     reduce_shift_grad<S>(partial, g, x, q, N, C, H, W, Ho, Wo, out);
@@ -2384,8 +2407,8 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
 // (exact_shift_grad). Per output vector it loads 3 vectors of g and 1 of x, where the separate input-gradient and
 // shift-gradient passes loaded 4 and 3: 1.6-1.9x `x.clone()` at 2 threads, where they took 2.5-3.2x.
 template <int R, typename T, typename A>
-bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>& p, int64_t C, int64_t W, T* gxrow,
-                  typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
+bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>& p, int64_t C, int64_t W,
+                  int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
@@ -2415,7 +2438,8 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
     acc[2 * v] += xv * (dh + k[1] * (dl - dh));
     acc[2 * v + 1] += xv * e;
   };
-  ring_row<1, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(grows, p.k.data(), C, C, p.win.k0, W, W, ring, column, output);
+  ring_row<1, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(grows, p.k.data(), C, C, p.win.k0, W, W, ahead, ring, column,
+                                                     output);
   return chk.finite();
 }
 
@@ -2429,13 +2453,14 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
     using V = typename Vec<A>::V;
     const CornerPicks<R, A> p(q, C, -1);
     const std::vector<T> zero_row(W * C, T(0));
+    const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
     const auto partial = row_block_sums<A>(N, H, W, C, [&] {
       return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
         const T* gimg = g + n * H * W * C;
         const T* rows[R];
         window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
         T* gxrow = gx + (n * H + i) * W * C;
-        if (!backward_row<R>(rows, x + (n * H + i) * W * C, p, C, W, gxrow, ring.data(), sums))
+        if (!backward_row<R>(rows, x + (n * H + i) * W * C, p, C, W, ahead, gxrow, ring.data(), sums))
           bilinear_exact_row<1>(q, -1, gimg, C, H, W, i, W, gxrow);
       };
     });
