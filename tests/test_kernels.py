@@ -617,6 +617,17 @@ def test_forced_reference_never_builds(broken_build, monkeypatch):
     assert cpp._module is None and cpp._error is None
 
 
+def test_extension_name_follows_source_and_flags(kernels):
+    """One compiled module per source text and flags: a changed source never loads an older build (the JIT cache
+    alone rebuilds only when the source file is newer than the build, and pip keeps packaged file times)."""
+    name = cpp.extension_name(b"kernels", ["-O3"])
+    assert name.isidentifier() and name.startswith("fewshifts_shift_cpu_")
+    assert name == cpp.extension_name(b"kernels", ["-O3"])
+    assert name != cpp.extension_name(b"kernels2", ["-O3"])
+    assert name != cpp.extension_name(b"kernels", ["-O3", "-march=native"])
+    assert kernels.__name__ == cpp.extension_name(cpp._SOURCE.read_bytes(), cpp.compile_flags())
+
+
 def test_bad_backend_value_raises(monkeypatch):
     monkeypatch.setenv("FEWSHIFTS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FEWSHIFTS_BACKEND"):

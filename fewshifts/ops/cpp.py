@@ -10,6 +10,7 @@ line, and returns ``None`` so that callers fall back to the reference kernels.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -22,13 +23,28 @@ _module: ModuleType | None = None
 _error: str | None = None
 
 
+def extension_name(source: bytes, flags: list[str]) -> str:
+    """The compiled module's name, one per source text and compiler flags.
+
+    torch's JIT cache rebuilds a module of an existing name only when ninja finds the source newer than the
+    build; pip keeps the times stored in the package, so after an upgrade (or with two checkouts) a changed
+    source could load the previous kernels. A name per content never does.
+    """
+    digest = hashlib.sha256(source + b"\0" + "\0".join(flags).encode()).hexdigest()[:12]
+    return f"fewshifts_shift_cpu_{digest}"
+
+
+def compile_flags() -> list[str]:
+    # JIT-built on the machine that runs it, so tuning for the host CPU is safe (FEWSHIFTS_NATIVE=0 disables).
+    return ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("FEWSHIFTS_NATIVE", "1") == "1" else [])
+
+
 def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
-    # JIT-built on the machine that runs it, so tuning for the host CPU is safe (FEWSHIFTS_NATIVE=0 disables).
-    flags = ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("FEWSHIFTS_NATIVE", "1") == "1" else [])
+    flags = compile_flags()
     return cpp_extension.load(
-        name="fewshifts_shift_cpu",
+        name=extension_name(_SOURCE.read_bytes(), flags),
         sources=[str(_SOURCE)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
