@@ -182,16 +182,19 @@ inline int64_t last_level_cache_bytes() {
   return best > 0 ? best : int64_t{16} << 20;
 }
 
+// Whether `bytes` exceeds the last-level cache, unless the environment variable `name` says 0 or 1 (never / always).
+inline bool above_llc(int64_t bytes, const char* name) {
+  static const int64_t llc = last_level_cache_bytes();
+  const char* e = std::getenv(name);
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  return bytes > llc;
+}
+
 // Whether a kernel writing `bytes` of output should stream its stores: when the output alone exceeds the last-level
 // cache, so it would not stay cached for its consumer anyway. (With input and output together above it, a 12.6 MB
 // NCHW shift on the 16 MiB L3 ran 0.92x `x.clone()` streamed against 0.66x with ordinary stores: its input stayed
 // cached between calls.) FEWSHIFTS_STREAM=0 / =1 overrides (never / always; the tests cover both).
-inline bool stream_output(int64_t bytes) {
-  static const int64_t llc = last_level_cache_bytes();
-  const char* e = std::getenv("FEWSHIFTS_STREAM");
-  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return bytes > llc;
-}
+inline bool stream_output(int64_t bytes) { return above_llc(bytes, "FEWSHIFTS_STREAM"); }
 
 // stream_output for `count` blocks of `len` elements at dst (NCHW planes, or channels_last pixels) written as whole
 // 32-byte vectors: every block must start on a 32-byte boundary.
@@ -204,8 +207,8 @@ bool stream_blocks(const T* dst, int64_t count, int64_t len) {
 // Software prefetch kPrefetchBytes ahead of a kernel's input streams. The hardware prefetchers stop at 4 KB page
 // boundaries and take a while to follow a stream into the next page; a 32x32 float plane is one page, and a
 // channels_last row is a stream among cached ones. Measured in one process, prefetch on / off: the NCHW flat
-// bilinear forward 0.79-0.93, the channels_last separable forward 0.88-0.93 and per-channel integer shift
-// 0.77-0.89 (inputs of 32-75 MB).
+// bilinear forward 0.85-0.95, the channels_last separable forward 0.88-0.93 and per-channel integer shift
+// 0.77-0.89 (inputs of 29-75 MB; docs/benchmarks/ops_notes.md, ninth session).
 constexpr int64_t kPrefetchBytes = 8192;
 
 template <typename T>
@@ -215,14 +218,9 @@ inline void prefetch_ahead_of(const T* p) {
 
 // Whether a kernel prefetches an input of `bytes`: where it exceeds the last-level cache and so comes from memory
 // (for an input that stays cached, 32x96x32x32, prefetching gained or lost a few percent by kernel: on / off 1.03
-// for the channels_last separable forward, 1.01-1.05 for the NCHW integer shift, 0.97-0.98 for the NCHW bilinear).
+// for the channels_last separable forward, 1.01-1.05 for the NCHW integer shift, 0.94-0.99 for the NCHW bilinear).
 // FEWSHIFTS_PREFETCH=0 / =1 overrides (never / always).
-inline bool prefetch_input(int64_t bytes) {
-  static const int64_t llc = last_level_cache_bytes();
-  const char* e = std::getenv("FEWSHIFTS_PREFETCH");
-  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return bytes > llc;
-}
+inline bool prefetch_input(int64_t bytes) { return above_llc(bytes, "FEWSHIFTS_PREFETCH"); }
 
 // How far ahead (elements: whole pixels of C elements, at least kPrefetchBytes) the channels_last row kernels
 // prefetch their newest source row, for a source of `bytes`; 0: no prefetch (prefetch_input).
