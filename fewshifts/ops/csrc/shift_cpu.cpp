@@ -386,7 +386,6 @@ struct FlatTaps {
       }
     ok = static_cast<int64_t>(seen.size()) * (n + kPad) <= kFlatMaskBytes;
     if (!ok) return;
-
     for (const Disp& d : seen) {
       std::vector<int8_t> m(n + kPad, 0);
       for (int64_t r = std::max<int64_t>(0, -d.dy); r < std::min(H, H - d.dy); ++r)
@@ -976,7 +975,7 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     for (int t = 0; t < R; ++t) src[t] = row[t] + (inside ? col : 0) * C;
     const V* k = plan;
     for (int64_t v = 0; v < nv; ++v) {
-      if (ahead != 0) __builtin_prefetch(src[R - 1] + v * L + ahead);
+      if (inside && ahead != 0) __builtin_prefetch(src[R - 1] + v * L + ahead);
       const int64_t len = v < full ? L : tail;
       V w[R * E];
       for (int u = 0; u + 1 < R; ++u)
@@ -1681,6 +1680,18 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   }
 }
 
+// vload / vstore of a whole vector where len is L, else of its first len lanes
+template <typename A, typename T>
+inline typename Vec<A>::V vload_n(const T* p, int64_t len) {
+  return len == Vec<A>::L ? vload<true, A>(p, len) : vload<false, A>(p, len);
+}
+
+template <typename A, typename T>
+inline void vstore_n(T* p, const typename Vec<A>::V& v, int64_t len) {
+  if (len == Vec<A>::L) return vstore<true, A>(p, v, len);
+  vstore<false, A>(p, v, len);
+}
+
 // Whether every vector added was finite: the bits of a - a (+0 when a is finite, nan otherwise) or-ed together,
 // a one-cycle dependency chain per vector (accumulating a * 0 instead chains a multiply-add, 5 cycles on Zen 2).
 template <typename A>
@@ -2008,7 +2019,6 @@ FiniteCheck<A> bilinear_vec_row(const A* const* src, const A* const* coef, const
   using V = typename Vec<A>::V;
   using M = typename Vec<A>::M;
   constexpr int L = Vec<A>::L;
-  const bool full = len == L;
   FiniteCheck<A> chk;
   auto ld = [&](const A* q, int64_t t) {
     V z = vload<true, A>(q, L);
@@ -2023,11 +2033,7 @@ FiniteCheck<A> bilinear_vec_row(const A* const* src, const A* const* coef, const
   };
   auto put = [&](T* o, const V& a) {
     chk.add(a);
-    if (full) {
-      vstore<true, A>(o, a, L);
-    } else {
-      vstore<false, A>(o, a, len);
-    }
+    vstore_n<A>(o, a, len);
   };
   int64_t j = 0;
   for (; j + 4 <= Wo; j += 4) {
@@ -2250,9 +2256,6 @@ inline void pick_pair(const typename Vec<A>::V* k, const typename Vec<A>::V* x, 
   }
 }
 
-
-
-
 // One output row (pixels [0, Wo), all channels) of bilinear_nhwc_sep; rows[t] is source row i*S + r0 + t (or a zero
 // row); ring holds R x nv vectors. Returns whether every output was finite.
 template <int S, int R, bool Stream, typename T, typename A>
@@ -2260,10 +2263,9 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
              T* orow, typename Vec<A>::V* ring) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
-  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
   auto vertical = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {
-    V a = k[0] * load(src[0] + v * L, len);
-    for (int t = 1; t < R; ++t) a += k[t] * load(src[t] + v * L, len);
+    V a = k[0] * vload_n<A>(src[0] + v * L, len);
+    for (int t = 1; t < R; ++t) a += k[t] * vload_n<A>(src[t] + v * L, len);
     d[0] = a;
   };
   FiniteCheck<A> chk;
@@ -2274,10 +2276,8 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
     T* o = orow + j * C + v * L;
     if (len == L && std::is_same<T, A>::value) {
       put32<Stream>(reinterpret_cast<char*>(o), &a);
-    } else if (len == L) {
-      vstore<true, A>(o, a, L);
     } else {
-      vstore<false, A>(o, a, len);
+      vstore_n<A>(o, a, len);
     }
   };
   ring_row<S, R, 1, TapWeights<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring, vertical,
@@ -2339,10 +2339,9 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
               int64_t ahead, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
-  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
   auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {  // d: dv, iv
     V x[R], lo, hi;
-    for (int t = 0; t < R; ++t) x[t] = load(src[t] + v * L, len);
+    for (int t = 0; t < R; ++t) x[t] = vload_n<A>(src[t] + v * L, len);
     pick_pair<R, false, A>(k, x, lo, hi);
     d[0] = hi - lo;
     d[1] = lo + k[0] * d[0];
@@ -2353,7 +2352,7 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
     for (int u = 0; u < R; ++u) dvw[u] = w[2 * u], ivw[u] = w[2 * u + 1];
     pick_pair<R, true, A>(k, dvw, dlo, dhi);
     pick_pair<R, true, A>(k, ivw, ilo, ihi);
-    const V gv = load(grow + j * C + v * L, len);
+    const V gv = vload_n<A>(grow + j * C + v * L, len);
     acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
     acc[2 * v + 1] += gv * (ihi - ilo);
   };
@@ -2435,10 +2434,9 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
                   int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
-  auto load = [](const T* q, int64_t len) { return len == L ? vload<true, A>(q, L) : vload<false, A>(q, len); };
   auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {  // d: vert, vd of g
     V y[R], lo, hi;
-    for (int t = 0; t < R; ++t) y[t] = load(src[t] + v * L, len);
+    for (int t = 0; t < R; ++t) y[t] = vload_n<A>(src[t] + v * L, len);
     pick_pair<R, false, A>(k, y, lo, hi);
     d[1] = lo - hi;
     d[0] = hi + k[0] * d[1];
@@ -2452,13 +2450,8 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
     pick_pair<R, true, A>(k, dw, dl, dh);
     const V e = vl - vh, gv = vh + k[1] * e;
     chk.add(gv);
-    T* o = gxrow + j * C + v * L;
-    if (len == L) {
-      vstore<true, A>(o, gv, L);
-    } else {
-      vstore<false, A>(o, gv, len);
-    }
-    const V xv = load(xrow + j * C + v * L, len);
+    vstore_n<A>(gxrow + j * C + v * L, gv, len);
+    const V xv = vload_n<A>(xrow + j * C + v * L, len);
     acc[2 * v] += xv * (dh + k[1] * (dl - dh));
     acc[2 * v + 1] += xv * e;
   };
