@@ -578,15 +578,104 @@ def test_inplace_public_op_same_on_both_backends(kernels, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# the C++ registration of the operators (register_ops): same results as the ops' Python bodies
+
+OP_NAMES = ("shift2d", "active_shift2d", "sparse_shift2d", "relu_sparse_shift2d")
+BACKWARD_OPS = ("shift2d_backward", "active_shift2d_backward", "sparse_shift2d_backward",
+                "relu_sparse_shift2d_backward")
+
+
+def test_loading_the_kernels_registers_the_ops_for_cpu(kernels):
+    def registered(name, key):
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fewshifts::{name}", key)
+
+    assert all(registered(n, "CPU") and registered(n, "AutogradCPU") for n in OP_NAMES + BACKWARD_OPS)
+    cpp.unregister_ops()
+    try:
+        assert not any(registered(n, "CPU") or registered(n, "AutogradCPU") for n in OP_NAMES + BACKWARD_OPS)
+        x, shifts = torch.randn(2, 9, 5, 5), fs.grouped_shifts(9)
+        assert torch.equal(fs.shift2d(x, shifts), reference.shift_forward(x, shifts, 1))  # the Python bodies
+    finally:
+        cpp.register_ops(kernels)
+    assert registered("shift2d", "CPU")
+
+
+# shifts that the C++ preparation must treat as the Python bodies do: ties (to even), beyond the image (clamped),
+# integer and float types
+TRICKY_SHIFTS = [0.5, -0.5, 1.5, -1.5, 2.5, 0.49, -2.51, 1e6, -3e9, 7.0, -6.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_registered_ops_match_their_python_bodies(kernels, dtype, stride, layout):
+    from fewshifts.ops import shift
+
+    g = torch.Generator().manual_seed(stride)
+    C = len(TRICKY_SHIFTS) // 2
+    x = _layout(torch.randn(2, C, 7, 6, generator=g).to(dtype), layout)
+    real = torch.tensor(TRICKY_SHIFTS).reshape(C, 2).to(dtype)
+    integer = torch.tensor([[3, -1], [0, 2], [-9, 1], [1, 1], [-1, 0], [40, -40]], dtype=torch.int32)
+    cases = [("shift2d", integer), ("shift2d", torch.round(real.double()).to(dtype))]
+    cases += [(name, real) for name in OP_NAMES[1:]]
+    for name, shifts in cases:
+        out = getattr(torch.ops.fewshifts, name)(x, shifts, stride)
+        assert torch.equal(out, shift.python_body(name, x, shifts, stride)), name
+        grad = _layout(torch.randn(out.shape, generator=g).to(dtype), layout)
+        if name == "shift2d":
+            args = (grad, shifts, stride, x.shape[2], x.shape[3])
+        else:
+            args = (grad, x, shifts, stride)
+        backward = f"{name}_backward"
+        for a, b in zip(_as_tuple(getattr(torch.ops.fewshifts, backward)(*args)),
+                        _as_tuple(shift.python_body(backward, *args))):
+            assert torch.equal(a, b), backward
+
+
+def _as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_registered_ops_raise_the_python_errors(kernels, name, bad):
+    x, shifts = torch.randn(1, 3, 4, 4), torch.zeros(3, 2)
+    shifts[1, 0] = bad
+    with pytest.raises(ValueError, match=r"shifts must be finite; non-finite values in channel\(s\) \[1\]"):
+        getattr(torch.ops.fewshifts, name)(x, shifts, 1)
+
+
+def test_reference_backend_runs_the_python_bodies_while_registered(kernels, monkeypatch):
+    calls, original = [], reference.shift_forward
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(reference, "shift_forward", spy)
+    x, shifts = torch.randn(2, 9, 5, 5), fs.grouped_shifts(9)
+    for mode, expected in (("cpp", 0), ("auto", 0), ("reference", 1), ("Reference ", 2)):
+        monkeypatch.setenv("FEWSHIFTS_BACKEND", mode)
+        fs.shift2d(x, shifts)
+        assert len(calls) == expected, mode
+
+
+# ----------------------------------------------------------------------------------------------
 # backend selection and fallback
 
 
 @pytest.fixture
 def broken_build(monkeypatch, tmp_path):
-    """cpp pointed at a missing source, with its cached module and error cleared (restored afterwards)."""
+    """cpp pointed at a missing source, with its cached module, error and operator registration cleared (restored
+    afterwards)."""
+    module = cpp._module
+    cpp.unregister_ops()
     monkeypatch.setattr(cpp, "_SOURCE", tmp_path / "missing.cpp")
     monkeypatch.setattr(cpp, "_module", None)
     monkeypatch.setattr(cpp, "_error", None)
+    yield
+    if module is not None:
+        cpp.register_ops(module)
 
 
 def test_fallback_warns_once_and_uses_reference(broken_build, monkeypatch):

@@ -4,7 +4,8 @@ The compiled module exposes the same kernel functions as :mod:`fewshifts.ops.ref
 ``shift_backward``, ``shift_inplace``, ``bilinear_forward``, ``bilinear_backward_input``,
 ``bilinear_backward_shifts`` and the fused ``bilinear_backward``, ``sparse_backward``, ``relu_shift_forward``,
 ``relu_sparse_backward``), with the same arguments
-and results. If it cannot be built (no compiler, no headers), :func:`load` warns once, in one
+and results. Loading it also registers its CPU kernels for the ``fewshifts`` operators (:func:`register_ops`).
+If it cannot be built (no compiler, no headers), :func:`load` warns once, in one
 line, and returns ``None`` so that callers fall back to the reference kernels.
 """
 
@@ -21,6 +22,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "shift_cpu.cpp"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _error: str | None = None
+_registration = None  # the compiled module's OpRegistration while its operator kernels are registered
 
 
 def extension_name(source: bytes, flags: list[str]) -> str:
@@ -52,6 +54,24 @@ def _build() -> ModuleType:
     )
 
 
+def register_ops(module: ModuleType) -> None:
+    """Register ``module``'s kernels for the ``fewshifts`` operators on CPU tensors (CPU and AutogradCPU keys),
+    in place of their Python bodies: a call then runs no Python past ``torch.ops``."""
+    global _registration
+    from fewshifts.ops import shift
+
+    unregister_ops()
+    _registration = module.register_ops(shift.python_body)
+
+
+def unregister_ops() -> None:
+    """Undo :func:`register_ops`: the operators run their Python bodies again."""
+    global _registration
+    if _registration is not None:
+        _registration.close()
+        _registration = None
+
+
 def load(required: bool = False) -> ModuleType | None:
     """The compiled kernels, building them on first use; ``None`` (after one warning) if that fails.
 
@@ -63,6 +83,7 @@ def load(required: bool = False) -> ModuleType | None:
             if _module is None and _error is None:
                 try:
                     _module = _build()
+                    register_ops(_module)
                 except Exception as exc:  # any build failure means: use the fallback
                     _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     if not required:

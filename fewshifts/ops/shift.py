@@ -17,6 +17,8 @@ integral) run inside the ops on real data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,29 @@ from fewshifts.ops import reference
 from fewshifts.ops.backend import kernels_for
 
 __all__ = ["shift2d", "active_shift2d", "sparse_shift2d", "relu_sparse_shift2d", "round_shifts"]
+
+
+# ----------------------------------------------------------------------------------------------
+# operator definition
+
+_BODIES: dict[str, Callable] = {}
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()):
+    """``torch.library.custom_op("fewshifts::<name>")``, the Python body also kept for :func:`python_body`."""
+
+    def define(body: Callable):
+        _BODIES[name] = body
+        return torch.library.custom_op(f"fewshifts::{name}", mutates_args=mutates_args)(body)
+
+    return define
+
+
+def python_body(name: str, *args):
+    """Op ``name``'s Python body. Once the C++ kernels are loaded they are registered for CPU tensors (the
+    dispatcher calls them instead, see ``register_ops`` in csrc/shift_cpu.cpp); they call this for
+    ``FEWSHIFTS_BACKEND`` values other than auto and cpp, and for shifts that fail a value check."""
+    return _BODIES[name](*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +105,7 @@ def round_shifts(shifts: Tensor) -> Tensor:
 # shift2d: integer shift
 
 
-@torch.library.custom_op("fewshifts::shift2d", mutates_args=())
+@_op("shift2d")
 def _shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
     if shifts.is_floating_point():
         _check_finite(shifts, "shift2d")
@@ -93,7 +118,7 @@ def _shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
     return kernels_for(x).shift_forward(x, s.cpu(), stride)
 
 
-@torch.library.custom_op("fewshifts::shift2d_backward", mutates_args=())
+@_op("shift2d_backward")
 def _shift2d_backward(grad: Tensor, shifts: Tensor, stride: int, height: int, width: int) -> Tensor:
     s = _clamp_to_image(round_shifts(shifts), height, width, stride)
     return kernels_for(grad).shift_backward(grad.contiguous(memory_format=_format_of(grad)), s.cpu(), stride,
@@ -147,7 +172,7 @@ def shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
     return torch.ops.fewshifts.shift2d(x, shifts, stride)
 
 
-@torch.library.custom_op("fewshifts::shift2d_", mutates_args=("x",))
+@_op("shift2d_", mutates_args=("x",))
 def _shift2d_inplace(x: Tensor, shifts: Tensor) -> None:
     s = _clamp_to_image(shifts.long(), x.shape[2], x.shape[3], 1)
     kernels_for(x).shift_inplace(x, s.cpu())
@@ -204,14 +229,14 @@ def _check_real_shifts(shifts: Tensor, name: str) -> None:
         raise TypeError(f"{name}: shifts should be a floating point tensor instead of {shifts.dtype}")
 
 
-@torch.library.custom_op("fewshifts::active_shift2d", mutates_args=())
+@_op("active_shift2d")
 def _active_shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
     _check_finite(shifts, "active_shift2d")
     s = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride)
     return kernels_for(x).bilinear_forward(x, s.detach().cpu(), stride)
 
 
-@torch.library.custom_op("fewshifts::active_shift2d_backward", mutates_args=())
+@_op("active_shift2d_backward")
 def _active_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
     kernels = kernels_for(x)
     s = _clamp_to_image(shifts, x.shape[2], x.shape[3], stride).detach().cpu()
@@ -254,12 +279,12 @@ def _sparse_backward(kernel: str, grad: Tensor, x: Tensor, shifts: Tensor, strid
     return grad_x, grad_shifts.to(shifts.device)
 
 
-@torch.library.custom_op("fewshifts::sparse_shift2d", mutates_args=())
+@_op("sparse_shift2d")
 def _sparse_shift2d(x: Tensor, shifts: Tensor, stride: int) -> Tensor:
     return _sparse_forward("shift_forward", x, shifts, stride, "sparse_shift2d")
 
 
-@torch.library.custom_op("fewshifts::sparse_shift2d_backward", mutates_args=())
+@_op("sparse_shift2d_backward")
 def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
     return _sparse_backward("sparse_backward", grad, x, shifts, stride)
 
@@ -267,12 +292,12 @@ def _sparse_shift2d_backward(grad: Tensor, x: Tensor, shifts: Tensor, stride: in
 _register_real_shift_op(_sparse_shift2d, _sparse_shift2d_backward)
 
 
-@torch.library.custom_op("fewshifts::relu_sparse_shift2d", mutates_args=())
+@_op("relu_sparse_shift2d")
 def _relu_sparse_shift2d(z: Tensor, shifts: Tensor, stride: int) -> Tensor:
     return _sparse_forward("relu_shift_forward", z, shifts, stride, "relu_sparse_shift2d")
 
 
-@torch.library.custom_op("fewshifts::relu_sparse_shift2d_backward", mutates_args=())
+@_op("relu_sparse_shift2d_backward")
 def _relu_sparse_shift2d_backward(grad: Tensor, z: Tensor, shifts: Tensor, stride: int) -> tuple[Tensor, Tensor]:
     return _sparse_backward("relu_sparse_backward", grad, z, shifts, stride)
 
