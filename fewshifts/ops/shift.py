@@ -12,7 +12,11 @@ Real shifts are rounded to the nearest integer with ties to even (``torch.round`
 Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a registered autograd
 formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node per shift.
 Shape and type checks run in the Python wrappers (static under tracing); value checks (finite,
-integral) run inside the ops on real data.
+integral) run inside the ops on real data. Once the C++ kernels are loaded, the functional ops also have
+C++ CPU and AutogradCPU kernels (``register_ops`` in csrc/shift_cpu.cpp: the same checks, clamping and
+formulas), which the dispatcher prefers for CPU tensors, so a CPU call runs no Python past ``torch.ops``;
+they call back into the Python bodies here (:func:`python_body`) for ``FEWSHIFTS_BACKEND`` values other
+than auto and cpp, and to raise the error for invalid shifts.
 """
 
 from __future__ import annotations
