@@ -670,7 +670,7 @@ def broken_build(monkeypatch, tmp_path):
     afterwards)."""
     module = cpp._module
     cpp.unregister_ops()
-    monkeypatch.setattr(cpp, "_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(cpp, "_SOURCES", (tmp_path / "missing.cpp",))
     monkeypatch.setattr(cpp, "_module", None)
     monkeypatch.setattr(cpp, "_error", None)
     yield
@@ -714,7 +714,7 @@ def test_extension_name_follows_source_and_flags(kernels):
     assert name == cpp.extension_name(b"kernels", ["-O3"])
     assert name != cpp.extension_name(b"kernels2", ["-O3"])
     assert name != cpp.extension_name(b"kernels", ["-O3", "-march=native"])
-    assert kernels.__name__ == cpp.extension_name(cpp._SOURCE.read_bytes(), cpp.compile_flags())
+    assert kernels.__name__ == cpp.extension_name(cpp.source_text(), cpp.compile_flags())
 
 
 def test_bad_backend_value_raises(monkeypatch):

@@ -1,4 +1,5 @@
-"""Loader of the C++ CPU kernels (``csrc/shift_cpu.cpp``), JIT-compiled once with torch.utils.cpp_extension.
+"""Loader of the C++ CPU kernels (``csrc/shift_cpu.cpp``; ``csrc/ops_cpu.cpp`` holds the Python module and
+the operators' registration), JIT-compiled once with torch.utils.cpp_extension.
 
 The compiled module exposes the same kernel functions as :mod:`fewshifts.ops.reference` (``shift_forward``,
 ``shift_backward``, ``shift_inplace``, ``bilinear_forward``, ``bilinear_backward_input``,
@@ -18,7 +19,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCE = Path(__file__).with_name("csrc") / "shift_cpu.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "shift_cpu.cpp", _CSRC / "ops_cpu.cpp")  # compiled
+_HEADERS = (_CSRC / "shift_cpu.h",)
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _error: str | None = None
@@ -36,6 +39,11 @@ def extension_name(source: bytes, flags: list[str]) -> str:
     return f"fewshifts_shift_cpu_{digest}"
 
 
+def source_text() -> bytes:
+    """The sources and headers the module is built from, as one text (what :func:`extension_name` hashes)."""
+    return b"\0".join(path.read_bytes() for path in _SOURCES + _HEADERS)
+
+
 def compile_flags() -> list[str]:
     # JIT-built on the machine that runs it, so tuning for the host CPU is safe (FEWSHIFTS_NATIVE=0 disables).
     return ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("FEWSHIFTS_NATIVE", "1") == "1" else [])
@@ -46,8 +54,8 @@ def _build() -> ModuleType:
 
     flags = compile_flags()
     return cpp_extension.load(
-        name=extension_name(_SOURCE.read_bytes(), flags),
-        sources=[str(_SOURCE)],
+        name=extension_name(source_text(), flags),
+        sources=[str(path) for path in _SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=os.environ.get("FEWSHIFTS_VERBOSE_BUILD") == "1",
