@@ -365,26 +365,34 @@ def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stri
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bfloat16_outputs_are_float32_results_rounded(kernels, plane_form, layout):
-    """bfloat16 kernels compute in float32 and round on store as torch does (to nearest even; inf kept): the same
-    bits as the float32 kernels on the widened inputs, rounded by ``.bfloat16()``, and nan at the same places (the
-    kernels store c10's 0x7FC0, torch's vectorized cast may keep another nan payload)."""
-    x = torch.randn(2, 20, 9, 13) * 50
-    x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38])
-    x = _layout(x, layout).bfloat16()
-    grad = _layout(torch.randn(2, 20, 9, 13), layout)
-    grad[1, 3, 4, 5] = float("nan")
-    grad = grad.bfloat16()
-    real = torch.rand(20, 2) * 4 - 2
+    """bfloat16 kernels compute in float32 and round on store as torch does (to nearest even; inf kept): the bits
+    of the float32 kernels on the widened inputs, rounded by ``.bfloat16()``, with nan at the same places (the
+    kernels store c10's 0x7FC0, torch's vectorized cast may keep another nan payload), except for rare elements
+    within one bfloat16 unit or float32 rounding: the compiler fuses multiply-adds (-ffp-contract=fast) differently
+    in the two instantiations of the channels_last separable kernels, which changes the last float32 bits, and so
+    the bfloat16 result where the float32 one lies at a rounding midpoint (8% of these inputs have one such element
+    there; none with -ffp-contract=off, which slowed the fused backward 3-9% on cached data). Over 40 inputs."""
 
     def same(a, b):
         assert torch.equal(a.isnan(), b.isnan())
-        assert torch.equal(a.nan_to_num(0.0).view(torch.int16), b.nan_to_num(0.0).view(torch.int16))
+        differ = a.nan_to_num(0.0).view(torch.int16) != b.nan_to_num(0.0).view(torch.int16)
+        assert int(differ.sum()) <= max(1, a.numel() // 1000)
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-4, equal_nan=True)
 
-    same(kernels.bilinear_forward(x, real, 1), kernels.bilinear_forward(x.float(), real, 1).bfloat16())
-    rounded = real.round()
-    same(kernels.relu_shift_forward(x, rounded, 1), kernels.relu_shift_forward(x.float(), rounded, 1).bfloat16())
-    same(kernels.bilinear_backward_input(grad, real, 1, 9, 13),
-         kernels.bilinear_backward_input(grad.float(), real, 1, 9, 13).bfloat16())
+    g = torch.Generator().manual_seed(5)
+    for _ in range(40):
+        x = torch.randn(2, 20, 9, 13, generator=g) * 50
+        x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38])
+        x = _layout(x, layout).bfloat16()
+        grad = _layout(torch.randn(2, 20, 9, 13, generator=g), layout)
+        grad[1, 3, 4, 5] = float("nan")
+        grad = grad.bfloat16()
+        real = torch.rand(20, 2, generator=g) * 4 - 2
+        same(kernels.bilinear_forward(x, real, 1), kernels.bilinear_forward(x.float(), real, 1).bfloat16())
+        rounded = real.round()
+        same(kernels.relu_shift_forward(x, rounded, 1), kernels.relu_shift_forward(x.float(), rounded, 1).bfloat16())
+        same(kernels.bilinear_backward_input(grad, real, 1, 9, 13),
+             kernels.bilinear_backward_input(grad.float(), real, 1, 9, 13).bfloat16())
 
 
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)

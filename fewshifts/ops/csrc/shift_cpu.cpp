@@ -336,7 +336,9 @@ struct Disp {
 // on this project's CPU (Zen 3, AVX2; same-process A/B at 7x7 to 112x112): the backward kernels and the integer
 // shifts up to 112x112, where they are as fast or faster (the sparse backward 1.4x at 112x112, 2.1x at 16x16; the
 // bilinear backward 1.1x at 112x112, 2.0x at 16x16); the bilinear forward up to 32x32 (1.0-1.7x; slower from
-// 56x56 on, where its four masked loads cost more than the row form's per-row work).
+// 56x56 on, where its four masked loads cost more than the row form's per-row work), and up to 112x112 where it
+// streams its output (stream_blocks; since the ninth session's FlatOut): 0.77-0.86x the row form's time at 56x56 to
+// 160x160 on the Zen 2, one process, 30 alternating calls, against 1.0-1.08x for outputs that stay cached.
 // FEWSHIFTS_FLAT_MAX=P overrides both (0: row-based everywhere; the tests use it to cover both forms).
 constexpr int64_t kFlatLargest = 112 * 112, kFlatBilinearForward = 32 * 32;
 
@@ -2741,10 +2743,11 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
           bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, Displacements<A>(q, C));
         return;
       }
-      const auto f = S == 1 ? flat_taps(C, H, W, 4, kFlatBilinearForward, x.nbytes(),
+      const bool stream = std::is_same<scalar_t, A>::value && stream_blocks(op, N * C, H * W);  // with_flat_stream
+      const auto f = S == 1 ? flat_taps(C, H, W, 4, stream ? kFlatLargest : kFlatBilinearForward, x.nbytes(),
                                         [&](int64_t c, int64_t k) { return q.corner(c, k); }) : std::nullopt;
       if (f) {
-        with_flat_stream<scalar_t, A>(stream_blocks(op, N * C, H * W), [&](auto st) {
+        with_flat_stream<scalar_t, A>(stream, [&](auto st) {
           constexpr bool Stream = decltype(st)::value;
           parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
             std::vector<scalar_t> scratch;
