@@ -608,6 +608,21 @@ def test_loading_the_kernels_registers_the_ops_for_cpu(kernels):
     assert registered("shift2d", "CPU")
 
 
+def test_opcheck_on_the_registered_kernels(kernels):
+    """torch.library's checks (schema, fake tensors, autograd registration, AOT dispatch) with the C++ CPU and
+    AutogradCPU kernels in place."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fewshifts::shift2d", "AutogradCPU")
+    g = torch.Generator().manual_seed(3)
+    for fmt, strides in ((torch.contiguous_format, (1, 2)), (torch.channels_last, (1,))):
+        x = torch.randn(2, 9, 6, 5, dtype=torch.float64, generator=g).contiguous(memory_format=fmt)
+        x.requires_grad_()
+        real = (torch.rand(9, 2, dtype=torch.float64, generator=g) * 3 - 1.5).requires_grad_()
+        for stride in strides:
+            torch.library.opcheck(torch.ops.fewshifts.shift2d.default, (x, fs.grouped_shifts(9), stride))
+            for name in OP_NAMES[1:]:
+                torch.library.opcheck(getattr(torch.ops.fewshifts, name).default, (x, real, stride))
+
+
 # shifts that the C++ preparation must treat as the Python bodies do: ties (to even), beyond the image (clamped),
 # integer and float types
 TRICKY_SHIFTS = [0.5, -0.5, 1.5, -1.5, 2.5, 0.49, -2.51, 1e6, -3e9, 7.0, -6.0, 0.0]
