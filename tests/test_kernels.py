@@ -593,10 +593,11 @@ BACKWARD_OPS = ("shift2d_backward", "active_shift2d_backward", "sparse_shift2d_b
                 "relu_sparse_shift2d_backward")
 
 
-def test_loading_the_kernels_registers_the_ops_for_cpu(kernels):
-    def registered(name, key):
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fewshifts::{name}", key)
+def registered(name, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fewshifts::{name}", key)
 
+
+def test_loading_the_kernels_registers_the_ops_for_cpu(kernels):
     assert all(registered(n, "CPU") and registered(n, "AutogradCPU") for n in OP_NAMES + BACKWARD_OPS)
     cpp.unregister_ops()
     try:
@@ -611,7 +612,7 @@ def test_loading_the_kernels_registers_the_ops_for_cpu(kernels):
 def test_opcheck_on_the_registered_kernels(kernels):
     """torch.library's checks (schema, fake tensors, autograd registration, AOT dispatch) with the C++ CPU and
     AutogradCPU kernels in place."""
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("fewshifts::shift2d", "AutogradCPU")
+    assert registered("shift2d", "AutogradCPU")
     g = torch.Generator().manual_seed(3)
     for fmt, strides in ((torch.contiguous_format, (1, 2)), (torch.channels_last, (1,))):
         x = torch.randn(2, 9, 6, 5, dtype=torch.float64, generator=g).contiguous(memory_format=fmt)

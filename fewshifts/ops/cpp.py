@@ -90,8 +90,9 @@ def load(required: bool = False) -> ModuleType | None:
         with _lock:
             if _module is None and _error is None:
                 try:
-                    _module = _build()
-                    register_ops(_module)
+                    module = _build()
+                    register_ops(module)
+                    _module = module
                 except Exception as exc:  # any build failure means: use the fallback
                     _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     if not required:

@@ -13,7 +13,7 @@ Each op is a ``torch.library.custom_op`` with a fake (meta) implementation and a
 formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node per shift.
 Shape and type checks run in the Python wrappers (static under tracing); value checks (finite,
 integral) run inside the ops on real data. Once the C++ kernels are loaded, the functional ops also have
-C++ CPU and AutogradCPU kernels (``register_ops`` in csrc/shift_cpu.cpp: the same checks, clamping and
+C++ CPU and AutogradCPU kernels (``register_ops`` in csrc/ops_cpu.cpp: the same checks, clamping and
 formulas), which the dispatcher prefers for CPU tensors, so a CPU call runs no Python past ``torch.ops``;
 they call back into the Python bodies here (:func:`python_body`) for ``FEWSHIFTS_BACKEND`` values other
 than auto and cpp, and to raise the error for invalid shifts.
@@ -50,7 +50,7 @@ def _op(name: str, mutates_args: tuple[str, ...] = ()):
 
 def python_body(name: str, *args):
     """Op ``name``'s Python body. Once the C++ kernels are loaded they are registered for CPU tensors (the
-    dispatcher calls them instead, see ``register_ops`` in csrc/shift_cpu.cpp); they call this for
+    dispatcher calls them instead, see ``register_ops`` in csrc/ops_cpu.cpp); they call this for
     ``FEWSHIFTS_BACKEND`` values other than auto and cpp, and for shifts that fail a value check."""
     return _BODIES[name](*args)
 

@@ -59,15 +59,17 @@ std::optional<Tensor> kernel_shifts(const Tensor& shifts, int64_t height, int64_
   bool ok = true;
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kernel_shifts", [&] {
     const scalar_t* p = s.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < s.numel() && ok; ++i) {
+    scalar_t* real = as == ShiftsAs::Real ? out.data_ptr<scalar_t>() : nullptr;
+    int64_t* whole = as == ShiftsAs::Real ? nullptr : out.data_ptr<int64_t>();
+    for (int64_t i = 0; i < s.numel(); ++i) {
       const double v = static_cast<double>(p[i]);
       ok = std::isfinite(v) && (as != ShiftsAs::Integral || v == std::nearbyint(v));
       if (!ok) break;
       const double c = std::clamp(as == ShiftsAs::Rounded ? std::nearbyint(v) : v, -limit, limit);
-      if (as == ShiftsAs::Real) {
-        out.data_ptr<scalar_t>()[i] = static_cast<scalar_t>(c);
+      if (real) {
+        real[i] = static_cast<scalar_t>(c);
       } else {
-        out.data_ptr<int64_t>()[i] = static_cast<int64_t>(c);
+        whole[i] = static_cast<int64_t>(c);
       }
     }
   });
@@ -160,8 +162,8 @@ struct Shift2dFunction : torch::autograd::Function<Shift2dFunction> {
   }
 };
 
-// Autograd of a real-shift op (active_shift2d, sparse_shift2d, relu_sparse_shift2d: Op) whose backward op returns
-// (grad_x, grad_shifts), as shift.py's _register_real_shift_op.
+// Autograd of a real-shift op (active_shift2d, sparse_shift2d, relu_sparse_shift2d: Names = {op, backward op})
+// whose backward op returns (grad_x, grad_shifts), as shift.py's _register_real_shift_op.
 template <const char* const* Names>  // {op, backward op}
 struct RealShiftFunction : torch::autograd::Function<RealShiftFunction<Names>> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& shifts,
@@ -198,7 +200,8 @@ struct OpRegistration {
 };
 
 std::unique_ptr<OpRegistration> register_ops(py::object body) {
-  python_body = new py::object(std::move(body));  // kept for the process (called with the GIL held)
+  if (python_body == nullptr) python_body = new py::object();  // kept for the process (called with the GIL held)
+  *python_body = std::move(body);
   auto r = std::make_unique<OpRegistration>();
   r->cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "fewshifts", c10::DispatchKey::CPU, __FILE__,
                                             __LINE__);
