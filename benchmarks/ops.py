@@ -3,7 +3,8 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 FEWSHIFTS_BACKEND=cpp python benchmarks/ops.py
 
 One process, ``torch.set_num_threads(2)``, float32. Within a (shape, layout) the candidates are timed round-robin
-(one call of each per round) so that load from other processes hits them alike; medians after warm-up.
+(one call of each per round, in a new order each round: ``fewshifts.deploy.bench.interleaved_times``) so that load
+from other processes hits them alike; medians after warm-up.
 Forward runs under ``torch.no_grad()``; forward+backward is ``op(x).backward(g)`` with grads for x (and for the
 shifts / the conv weight). Ratios to memcpy always divide by the forward ``x.clone()`` time.
 """
@@ -16,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fewshifts as fs
 from fewshifts import ops
+from fewshifts.deploy.bench import interleaved_times
 from fewshifts.ops import backend
 
 SHAPES = [(32, 96, 32, 32), (32, 576, 32, 32), (32, 1152, 16, 16), (1, 576, 112, 112)]
@@ -77,15 +78,8 @@ def _candidates(shape, fmt):
 
 
 def _measure(fns: dict, warmup: int, repeats: int) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    """(median, best) milliseconds of each no-argument callable, timed round-robin in a new order each round."""
+    times = interleaved_times({name: lambda _, fn=fn: fn() for name, fn in fns.items()}, None, repeats, warmup)
     return {name: (statistics.median(ts) * 1e3, min(ts) * 1e3) for name, ts in times.items()}
 
 
@@ -153,7 +147,8 @@ def main() -> None:
         "",
         *_machine(),
         f"- Command: `{cmd}`" + (f" (this run: `{' '.join(sys.argv[1:])}`)" if sys.argv[1:] else ""),
-        f"- Medians of {args.repeats} round-robin repeats after {args.warmup} warm-up calls, float32, wall clock.",
+        f"- Medians of {args.repeats} round-robin repeats (a new order each round) after {args.warmup} warm-up calls, "
+        "float32, wall clock.",
         f"- Inputs: `shift2d` uses `grouped_shifts(C)` (ShiftNet, 3x3, 8-connected); `sparse_shift2d` real shifts "
         f"U[-{SPARSE_RANGE}, {SPARSE_RANGE}]; `active_shift2d` real shifts U[-{ACTIVE_RANGE}, {ACTIVE_RANGE}] (ASL "
         f"init); depthwise = `nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False)` in the same memory format; "

@@ -223,6 +223,22 @@ def test_bench_smoke(tmp_path):
         run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)
 
 
+def test_interleaved_times_runs_every_form_once_per_round_in_changing_orders():
+    from fewshifts.deploy.bench import interleaved_times
+
+    calls = []
+    forms = {name: (lambda x, name=name: calls.append(name)) for name in "abcd"}
+    samples = interleaved_times(forms, None, repeats=12, warmup=2)
+    assert {k: len(v) for k, v in samples.items()} == dict.fromkeys("abcd", 12)
+    rounds = [tuple(calls[8 + 4 * r : 12 + 4 * r]) for r in range(12)]  # after 2 warm-up calls of each
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 1  # a fixed order would give every form the same predecessor
+    assert len({r[0] for r in rounds}) > 1
+    calls.clear()
+    interleaved_times(forms, None, repeats=12, warmup=2)
+    assert [tuple(calls[8 + 4 * r : 12 + 4 * r]) for r in range(12)] == rounds  # seeded: the same orders each time
+
+
 def test_bench_dw_ratio_bounds_arithmetic():
     """The bound on deployed FE-Net (90%) / FE-Net (DW): shared 1x1 convs at matrix-product speed (t1), then
     everything else as measured, or (floor) only FE-Net (DW)'s depthwise convs (its spatial convs less the stem)."""
