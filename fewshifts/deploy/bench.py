@@ -248,12 +248,12 @@ def run_benchmark(cases: list[BenchCase] | None = None, batches: tuple[int, ...]
     return results
 
 
-def interleaved_times(forms: dict, x: Tensor, repeats: int, warmup: int = 2) -> dict:
+def interleaved_times(forms: dict, x: Tensor | None, repeats: int, warmup: int = 2) -> dict:
     """Run times (seconds) of each callable on ``x``, ``repeats`` each, timed round-robin (one run of each per
     round) so that load changes on a shared machine hit every form alike. Each round runs the forms in a new
     (seeded) order: a run pays for the write-back of the output its predecessor left dirty in the cache, and in a
-    fixed order the same form always follows the same one (a kernel timed right after a 37 MB ``x.clone()`` ran
-    5-8% slower than the same kernel in other places of the round)."""
+    fixed order the same form always follows the same one (a kernel timed right after a 12.6-75 MB ``x.clone()``
+    ran 5-9% slower than an identical build of it timed later in the round)."""
     for fn in forms.values():
         for _ in range(warmup):
             fn(x)
