@@ -312,6 +312,27 @@ def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, strid
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0, 1, -2, 3])
+def test_channels_last_separable_two_pixel_passes(kernels, stores, dtype, offset):
+    """The channels_last bilinear forward and input gradient at stride 1 with every channel's corners in 3 rows and
+    3 columns (shifts within a pixel of one integer `offset`) compute two output pixels per pass: odd and even widths,
+    a last pixel without a partner, columns outside the image on either side or (offset 3 on narrow images) every
+    column of a pass, channel counts with a partial last vector; ordinary and non-temporal stores."""
+    g = torch.Generator().manual_seed(offset + 7)
+    for channels, height, width in [(8, 3, 1), (13, 4, 2), (24, 2, 3), (5, 3, 4), (40, 3, 7), (16, 2, 8), (9, 5, 9)]:
+        x = torch.randn(2, channels, height, width, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        real = torch.rand(channels, 2, generator=g) * 1.8 - 0.9 + offset
+        real_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        real = real.to(real_dtype)
+        out = kernels.bilinear_forward(x, real, 1)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        tol = {"rtol": 2**-7, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(out, reference.bilinear_forward(x, real, 1), **tol)
+        gx = kernels.bilinear_backward_input(x, real, 1, height, width)
+        torch.testing.assert_close(gx, reference.bilinear_backward_input(x, real, 1, height, width), **tol)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bilinear_non_finite_like_reference(kernels, plane_form, layout):
     """inf/nan reach exactly the outputs the reference sends them to (0 * inf = nan only at a channel's own corners,

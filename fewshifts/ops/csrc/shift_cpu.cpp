@@ -2124,6 +2124,12 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // and a multiply-add per interpolation) ran 5% faster on one thread but 7% slower on two with streaming stores,
 // which it needed to write through a pixel buffer (stored one vector at a time between the loads, it ran 2x
 // slower); not kept.
+// At stride 1 and R = 3 (ASL's shifts within a pixel) the forward and the adjoint compute two output pixels per pass
+// over the channels (sep_row_pairs): 0.71-0.78x the time of one pixel per pass on outputs of 25-75 MB (close to
+// `x.clone()`), 0.75-1.05x on cached ones (twelfth session, ops_notes.md). Two pixels per pass in the fused backward
+// ran 1.0-1.25x slower (its loads of x and g stalled; prefetching them did not help); two output rows per pass,
+// 1.33-1.40x slower; pixels visited per vector of channels over tiles of 8 pixels, the weights in registers,
+// 0.75-0.9x on cached data but up to 1.5x slower from memory.
 
 template <typename A>
 struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that all channels' corners lie in
@@ -2288,6 +2294,97 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
   return chk.finite();
 }
 
+// sep_row at stride 1 and R = 3 with two output pixels, j and j + 1, per pass over the channels: the pass computes
+// the vertical sums of the new columns c1 = j + k0 + 2 and c2 = c1 + 1 (In1, In2: inside the image, else 0; Two:
+// j + 1 is an output), and each vector's six weights and the ring's two old columns serve both outputs: 7 loads per
+// output vector, where sep_row's loop makes 13. The ring holds the vertical sums of the last two columns, side by
+// side per vector. src[t] is source row t at column c1 (at c2 without In1). Vectors [v0, v1), of len lanes.
+template <bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
+inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, int64_t C, int64_t v0, int64_t v1,
+                          int64_t len, int64_t ahead, typename Vec<A>::V* ring, T* o, FiniteCheck<A>& chk) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
+  const T* s0 = src[0];
+  const T* s1 = src[1];
+  const T* s2 = src[2];
+  const int64_t second = In1 ? C : 0;  // column c2's offset from src
+  for (int64_t v = v0; v < v1; ++v) {
+    const V* k = plan + v * K;
+    const int64_t e = v * L;
+    if (ahead != 0) __builtin_prefetch(s2 + e + ahead);
+    auto vertical = [&](int64_t at) {  // as sep_row's, term by term
+      V a = k[0] * vload<Full, A>(s0 + at, len);
+      a += k[1] * vload<Full, A>(s1 + at, len);
+      a += k[2] * vload<Full, A>(s2 + at, len);
+      return a;
+    };
+    auto put = [&](T* d, const V& w0, const V& w1, const V& w2) {
+      V a = k[3] * w0;
+      a += k[4] * w1;
+      a += k[5] * w2;
+      chk.add(a);
+      if (Full && std::is_same<T, A>::value) {
+        put32<Stream>(reinterpret_cast<char*>(d), &a);
+      } else {
+        vstore<Full, A>(d, a, len);
+      }
+    };
+    const V n1 = In1 ? vertical(e) : V{}, n2 = In2 ? vertical(e + second) : V{};
+    V* r = ring + 2 * v;
+    const V w0 = r[0], w1 = r[1];
+    r[0] = n1, r[1] = n2;
+    put(o + e, w0, w1, n1);
+    if (Two) put(o + C + e, w1, n1, n2);
+  }
+}
+
+// One output row of bilinear_nhwc_sep at stride 1, R = 3, by sep_pair_pass. Returns whether every output was finite.
+template <bool Stream, typename T, typename A>
+bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, int64_t Ws, int64_t Wo,
+                   int64_t ahead, T* orow, typename Vec<A>::V* ring) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
+  const int64_t full = C / L, tail = C % L, nv = full + (tail != 0), k0 = p.win.k0;
+  const V* plan = p.k.data();
+  for (int c = 0; c < 2; ++c) {  // the ring: the vertical sums of columns k0 and k0 + 1
+    const int64_t col = k0 + c;
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t len = v < full ? L : tail;
+      const V* k = plan + v * K;
+      V a{};
+      if (col >= 0 && col < Ws) {
+        a = k[0] * vload_n<A>(rows[0] + col * C + v * L, len);
+        for (int t = 1; t < 3; ++t) a += k[t] * vload_n<A>(rows[t] + col * C + v * L, len);
+      }
+      ring[2 * v + c] = a;
+    }
+  }
+  FiniteCheck<A> chk;
+  for (int64_t j = 0; j < Wo; j += 2) {
+    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
+    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
+    const T* src[3] = {rows[0] + at, rows[1] + at, rows[2] + at};
+    T* o = orow + j * C;
+    auto pass = [&](auto i1, auto i2, auto tw) {
+      constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
+      const int64_t pf = in1 || in2 ? ahead : 0;
+      sep_pair_pass<Stream, I1, I2, Tw, true>(src, plan, C, 0, full, L, pf, ring, o, chk);
+      if (tail != 0) sep_pair_pass<Stream, I1, I2, Tw, false>(src, plan, C, full, nv, tail, 0, ring, o, chk);
+    };
+    using Y = std::true_type;
+    using N = std::false_type;
+    if (!two) {
+      in1 ? pass(Y{}, N{}, N{}) : pass(N{}, N{}, N{});
+    } else if (in1) {
+      in2 ? pass(Y{}, Y{}, Y{}) : pass(Y{}, N{}, Y{});
+    } else {
+      in2 ? pass(N{}, Y{}, Y{}) : pass(N{}, N{}, Y{});
+    }
+  }
+  return chk.finite();
+}
+
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
 template <int S, typename T, typename A>
 bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
@@ -2311,8 +2408,14 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
           window_rows<R>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
           T* orow = dst + (n * Ho + i) * Wo * C;
           V* rg = ring.data();
-          const bool finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
-                                     : sep_row<S, R, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
+          bool finite;
+          if constexpr (S == 1 && R == 3) {
+            finite = stream ? sep_row_pairs<true>(rows, p, C, Ws, Wo, ahead, orow, rg)
+                            : sep_row_pairs<false>(rows, p, C, Ws, Wo, ahead, orow, rg);
+          } else {
+            finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
+                            : sep_row<S, R, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
+          }
           if (!finite) bilinear_exact_row<S>(q, sign, img, C, Hs, Ws, i, Wo, orow);
         }
         if (stream) stream_fence<true>();
