@@ -38,9 +38,9 @@ def plane_form(request, monkeypatch):
 
 @pytest.fixture(params=["regular", "stream"])
 def stores(request, monkeypatch):
-    """Integer kernels with ordinary or non-temporal stores (FEWSHIFTS_STREAM: 0 or 1; by default they stream only
-    when the output exceeds the last-level cache, and only where NCHW planes or channels_last pixels are whole
-    32-byte vectors)."""
+    """Kernels with ordinary or non-temporal stores (FEWSHIFTS_STREAM: 0 or 1; by default they stream only when the
+    output exceeds the last-level cache, and only where NCHW planes or channels_last pixels are whole 32-byte
+    vectors)."""
     monkeypatch.setenv("FEWSHIFTS_STREAM", "0" if request.param == "regular" else "1")
     return request.param
 
