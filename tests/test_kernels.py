@@ -385,6 +385,34 @@ def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stri
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_shift_gradient_non_finite_g_where_all_corners_lie_outside(kernels, layout, stride, dtype):
+    """An inf in g at an output pixel whose four corners all lie outside the image: the reference multiplies it by the
+    zero padding (inf * 0 = nan) in the shift gradient. The stride-1 kernels that read x at each source pixel and g
+    at its shifted positions never read that g; they recompute such channels as the reference does."""
+    H, W = 6, 7
+    for channels in (8, 40, 384):
+        for dy, dx in [(1.4, 0.3), (-1.6, 0.2), (0.2, 1.3), (0.3, -1.7), (2.5, 0.5), (1.2, 1.2)]:
+            g = torch.Generator().manual_seed(channels)
+            x = torch.randn(2, channels, H, W, generator=g).to(dtype)
+            Ho, Wo = reference.output_size(H, stride), reference.output_size(W, stride)
+            grad = torch.randn(2, channels, Ho, Wo, generator=g).to(dtype)
+            jitter = torch.rand(channels, 2, generator=g, dtype=torch.float64) * 0.05
+            real = (torch.tensor([dy, dx], dtype=torch.float64) + jitter).to(dtype)
+            grad[1, 2, Ho - 1 if dy > 0 else 0, Wo - 1 if dx > 0 else 0] = float("inf")
+            x, grad = _layout(x, layout), _layout(grad, layout)
+            rounded = torch.round(real).long()
+            ref = reference.bilinear_backward(grad, x, real, stride)[1]
+            assert bool(ref[2].isnan().all()) and bool(ref[3:].isfinite().all())
+            for gs in (kernels.bilinear_backward(grad, x, real, stride)[1],
+                       kernels.bilinear_backward_shifts(grad, x, real, stride),
+                       kernels.sparse_backward(grad, x, rounded, real, stride)[1],
+                       kernels.relu_sparse_backward(grad, x, rounded, real, stride)[1]):
+                assert torch.equal(gs.isnan(), ref.isnan()) and torch.equal(gs.isinf(), ref.isinf())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bfloat16_outputs_are_float32_results_rounded(kernels, plane_form, layout):
     """bfloat16 kernels compute in float32 and round on store as torch does (to nearest even; inf kept): the bits
     of the float32 kernels on the widened inputs, rounded by ``.bfloat16()``, with nan at the same places (the
@@ -461,6 +489,39 @@ def test_channels_last_one_pass_backward_matches_reference(kernels, dtype, reach
         torch.set_num_threads(threads)
     for a, b in zip(one, (active, sparse)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(("dtype", "channels"), [(torch.float32, 768), (torch.float64, 384)], ids=str)
+@pytest.mark.parametrize("offset", [0, 1, -2])
+def test_channels_last_one_pass_backward_two_pixel_passes(kernels, dtype, channels, offset):
+    """Where the fused channels_last backward's per-channel data exceeds L1 (768 float or 384 double channels, corners
+    in 3 rows and columns) it takes two pixels per pass and streams gx: odd and even widths, a last pixel without a
+    partner, columns outside the image, inf/nan recomputed as the reference does; the same results on one thread."""
+    g = torch.Generator().manual_seed(channels + offset)
+    for n, height, width in [(1, 3, 1), (2, 4, 2), (1, 2, 5), (1, 5, 8), (2, 3, 9)]:
+        x = torch.randn(n, channels, height, width, generator=g).to(dtype)
+        grad = torch.randn(n, channels, height, width, generator=g).to(dtype)
+        if width == 5:
+            grad[0, 3, 1, 2] = float("inf")  # an inf - inf in the pass's differences: that row is recomputed
+            x[0, 7, 0, 4] = float("nan")
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+        real = ((torch.rand(channels, 2, generator=g, dtype=torch.float64) * 1.8 - 0.9) + offset).to(dtype)
+        gx, gs = kernels.bilinear_backward(grad, x, real, 1)
+        ref_gx, ref_gs = reference.bilinear_backward(grad, x, real, 1)
+        _assert_same_format(gx, ref_gx)
+        torch.testing.assert_close(gx, ref_gx, equal_nan=True, **_tol(dtype))
+        finite = ref_gs.isfinite().all(dim=1)
+        assert torch.equal(gs.isnan(), ref_gs.isnan())
+        scale = 4 * grad.double().nan_to_num(0, 0, 0).abs().sum() * x.double().nan_to_num(0, 0, 0).abs().max() + 1
+        atol = float((1e-12 if dtype == torch.float64 else 1e-6) * scale / channels)
+        torch.testing.assert_close(gs[finite].double(), ref_gs[finite].double(), rtol=0, atol=atol)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = kernels.bilinear_backward(grad, x, real, 1)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one[0].nan_to_num(), gx.nan_to_num()) and torch.equal(one[1].nan_to_num(), gs.nan_to_num())
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

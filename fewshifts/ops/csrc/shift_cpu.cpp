@@ -16,12 +16,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -1927,12 +1929,95 @@ void exact_shift_grad(const T* g, const T* x, const Bilinear<A>& q, int64_t N, i
   });
 }
 
+// The output pixels whose four corners (fy + oy, fx + ox) all lie outside the H x W image, at stride 1: rows
+// [0, top) and [bottom, H), and columns [0, left) and [right, W) of the others. The reference adds g times the zero
+// padding there (inf * 0 = nan); the stride-1 kernels that read x at each source pixel and g at its shifted positions
+// (backward_flat, backward_nhwc_fused) never read such a g, so a channel with a g there that is not finite is
+// recomputed as the reference does.
+struct OutsideBand {
+  int64_t top, bottom, left, right;
+  OutsideBand(int64_t H, int64_t W, int64_t fy, int64_t fx)
+      : top(std::clamp<int64_t>(-fy - 1, 0, H)), bottom(std::clamp<int64_t>(H - fy, top, H)),
+        left(std::clamp<int64_t>(-fx - 1, 0, W)), right(std::clamp<int64_t>(W - fx, left, W)) {}
+  bool empty(int64_t H, int64_t W) const { return top == 0 && bottom == H && left == 0 && right == W; }
+  bool holds(int64_t i, int64_t j) const { return i < top || i >= bottom || j < left || j >= right; }
+};
+
+// Whether one NCHW output plane g (H x W, stride 1) has a g that is not finite in channel c's OutsideBand
+template <typename T, typename A>
+bool outside_not_finite(const T* g, int64_t H, int64_t W, const Bilinear<A>& q, int64_t c) {
+  const OutsideBand o(H, W, q.fy[c], q.fx[c]);
+  if (o.empty(H, W)) return false;
+  int bad = 0;  // or-ed (v - v) != (v - v): true for inf and nan (a loop the compiler vectorises)
+  auto scan = [&](const T* p, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+      const A v = static_cast<A>(p[k]), d = v - v;
+      bad |= d != d;
+    }
+  };
+  for (int64_t i = 0; i < H; ++i) {
+    const bool whole = i < o.top || i >= o.bottom;  // else columns [0, left) and [right, W)
+    scan(g + i * W, whole ? W : o.left);
+    if (!whole) scan(g + i * W + o.right, W - o.right);
+  }
+  return bad != 0;
+}
+
+// The channels of channels_last g (H x W pixels of C per image, stride 1) with a g that is not finite in their
+// OutsideBand. row(grow, i) tests row i of one image (grow: its first pixel) where the channels' union band covers
+// it, all channels of a pixel at a time (a vector test per 8 or 4 channels); backward_nhwc_fused calls it for each row
+// after the row's pass, which has just read it. Safe to call from several threads.
+template <typename A>
+struct OutsideScan {
+  int64_t H, W, C, top = 0, bottom, left = 0, right;  // the union of the channels' bands
+  std::vector<OutsideBand> band;
+  std::unique_ptr<std::atomic<bool>[]> flag;
+  OutsideScan(const Bilinear<A>& q, int64_t H_, int64_t W_, int64_t C_)
+      : H(H_), W(W_), C(C_), bottom(H_), right(W_), flag(new std::atomic<bool>[C_]) {
+    for (int64_t c = 0; c < C; ++c) {
+      band.emplace_back(H, W, q.fy[c], q.fx[c]);
+      top = std::max(top, band[c].top), bottom = std::min(bottom, band[c].bottom);
+      left = std::max(left, band[c].left), right = std::min(right, band[c].right);
+      flag[c].store(false, std::memory_order_relaxed);
+    }
+  }
+  bool empty() const { return top == 0 && bottom == H && left == 0 && right == W; }
+  template <typename T>
+  void row(const T* grow, int64_t i) {
+    if (empty()) return;
+    constexpr int L = Vec<A>::L;
+    const int64_t full = C / L;
+    const bool whole = i < top || i >= bottom;  // else columns [0, left) and [right, W)
+    auto test = [&](int64_t j) {
+      const T* px = grow + j * C;
+      FiniteCheck<A> chk;
+      for (int64_t v = 0; v < full; ++v) chk.add(vload<true, A>(px + v * L, L));
+      bool any = !chk.finite();
+      for (int64_t c = full * L; c < C; ++c) any |= !std::isfinite(static_cast<double>(px[c]));
+      if (any)
+        for (int64_t c = 0; c < C; ++c)
+          if (!std::isfinite(static_cast<double>(px[c])) && band[c].holds(i, j))
+            flag[c].store(true, std::memory_order_relaxed);
+    };
+    for (int64_t j = 0; j < (whole ? W : left); ++j) test(j);
+    for (int64_t j = whole ? W : right; j < W; ++j) test(j);
+  }
+  // the flagged channels added to bad (sorted, each once)
+  void add_to(std::vector<int64_t>& bad) const {
+    for (int64_t c = 0; c < C; ++c)
+      if (flag[c].load(std::memory_order_relaxed) && std::find(bad.begin(), bad.end(), c) == bad.end())
+        bad.push_back(c);
+    std::sort(bad.begin(), bad.end());
+  }
+};
+
 // out[2 c], out[2 c + 1] += the items' partial sums (items in order: the same result whatever the number of threads);
-// channels whose sums are not finite are recomputed by exact_shift_grad
+// channels whose sums are not finite are recomputed by exact_shift_grad, and with `outside` (backward_nhwc_fused)
+// those with a g that is not finite where the kernel does not read it
 template <int S, typename T, typename A>
 void reduce_shift_grad(const std::vector<double>& partial, const T* g, const T* x,
                        const Bilinear<A>& q, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                       double* out) {
+                       double* out, const OutsideScan<A>* outside = nullptr) {
   std::vector<double> sum(2 * C, 0.0);
   const int64_t items = C > 0 ? static_cast<int64_t>(partial.size()) / (2 * C) : 0;
   for (int64_t item = 0; item < items; ++item)
@@ -1940,6 +2025,7 @@ void reduce_shift_grad(const std::vector<double>& partial, const T* g, const T* 
   std::vector<int64_t> bad;
   for (int64_t c = 0; c < C; ++c)
     if (!std::isfinite(sum[2 * c]) || !std::isfinite(sum[2 * c + 1])) bad.push_back(c);
+  if (outside != nullptr) outside->add_to(bad);
   if (!bad.empty()) exact_shift_grad<S>(g, x, q, N, C, H, W, Ho, Wo, bad, sum.data());
   for (int64_t k = 0; k < 2 * C; ++k) out[k] += sum[k];
 }
@@ -2539,35 +2625,155 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
 // recomputed from each channel's corners, a channel whose sums are not finite as the reference computes it
 // (exact_shift_grad). Per output vector it loads 3 vectors of g and 1 of x, where the separate input-gradient and
 // shift-gradient passes loaded 4 and 3: 1.6-1.9x `x.clone()` at 2 threads, where they took 2.5-3.2x.
+// vert and vd of one source column of g from its window rows y[0 .. R-1], each lane's own two rows picked
+// (backward_row's ring data)
+template <int R, typename A>
+inline void g_column(const typename Vec<A>::V* k, const typename Vec<A>::V* y, typename Vec<A>::V& vert,
+                     typename Vec<A>::V& vd) {
+  typename Vec<A>::V lo, hi;
+  pick_pair<R, false, A>(k, y, lo, hi);
+  vd = lo - hi;
+  vert = hi + k[0] * vd;
+}
+
+// gx of one output from vert and vd at the window's columns 0 .. R-1 (vw, dw); adds, for x value xv at that pixel,
+// its terms of the two shift-gradient sums to sy, sx
+template <int R, typename A>
+inline typename Vec<A>::V g_output(const typename Vec<A>::V* k, const typename Vec<A>::V* vw,
+                                   const typename Vec<A>::V* dw, const typename Vec<A>::V& xv,
+                                   typename Vec<A>::V& sy, typename Vec<A>::V& sx) {
+  typename Vec<A>::V vl, vh, dl, dh;
+  pick_pair<R, true, A>(k, vw, vl, vh);
+  pick_pair<R, true, A>(k, dw, dl, dh);
+  const typename Vec<A>::V e = vl - vh;
+  sy += xv * (dh + k[1] * (dl - dh));
+  sx += xv * e;
+  return vh + k[1] * e;
+}
+
 template <int R, typename T, typename A>
 bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>& p, int64_t C, int64_t W,
                   int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {  // d: vert, vd of g
-    V y[R], lo, hi;
+    V y[R];
     for (int t = 0; t < R; ++t) y[t] = vload_n<A>(src[t] + v * L, len);
-    pick_pair<R, false, A>(k, y, lo, hi);
-    d[1] = lo - hi;
-    d[0] = hi + k[0] * d[1];
+    g_column<R, A>(k, y, d[0], d[1]);
   };
   FiniteCheck<A> chk;
   // gx of output j, vector v, and the sums' terms, from vert and vd at the window's columns 0 .. R-1
   auto output = [&](const V* k, const V* w, int64_t j, int64_t v, int64_t len) {
-    V vw[R], dw[R], vl, vh, dl, dh;
+    V vw[R], dw[R];
     for (int u = 0; u < R; ++u) vw[u] = w[2 * u], dw[u] = w[2 * u + 1];
-    pick_pair<R, true, A>(k, vw, vl, vh);
-    pick_pair<R, true, A>(k, dw, dl, dh);
-    const V e = vl - vh, gv = vh + k[1] * e;
+    const V xv = vload_n<A>(xrow + j * C + v * L, len);
+    const V gv = g_output<R, A>(k, vw, dw, xv, acc[2 * v], acc[2 * v + 1]);
     chk.add(gv);
     vstore_n<A>(gxrow + j * C + v * L, gv, len);
-    const V xv = vload_n<A>(xrow + j * C + v * L, len);
-    acc[2 * v] += xv * (dh + k[1] * (dl - dh));
-    acc[2 * v + 1] += xv * e;
   };
   ring_row<1, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(grows, p.k.data(), C, C, p.win.k0, W, W, ahead, ring, column,
                                                      output);
   return chk.finite();
+}
+
+// backward_row at R = 3 with two pixels, j and j + 1, per pass over the channels (as sep_row_pairs): each vector's
+// plan and the ring's two older columns serve both, and the sums are loaded and stored once for both (the compiler
+// keeps acc[2 v], acc[2 v + 1] in registers across the pass): 17 loads per two output vectors where backward_row
+// makes 16 per one. gx goes out as non-temporal stores after both pixels' x are loaded (with ordinary stores, or
+// with x loaded after a streamed store to the same address bits, the pass ran 1.06-1.23x slower than one pixel per
+// pass). Used where the one-pixel pass's per-channel data exceeds L1 (pairs_fit). Vectors [0, C / L), all full.
+template <bool In1, bool In2, bool Two, typename T, typename A>
+inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C,
+                               int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
+                               FiniteCheck<A>& chk) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L, K = CornerPicks<3, A>::K;
+  const T* s0 = src[0];
+  const T* s1 = src[1];
+  const T* s2 = src[2];
+  const int64_t second = In1 ? C : 0;  // column c2's offset from src
+  for (int64_t v = 0; v < p.nv; ++v) {
+    const V* k = p.k.data() + v * K;
+    const int64_t e = v * L;
+    if (ahead != 0 && (v & 1) == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
+      __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
+    const V x0 = vload<true, A>(xp + e, L), x1 = Two ? vload<true, A>(xp + C + e, L) : V{};
+    auto column = [&](int64_t at, V& vert, V& vd) {
+      const V y[3] = {vload<true, A>(s0 + at, L), vload<true, A>(s1 + at, L), vload<true, A>(s2 + at, L)};
+      g_column<3, A>(k, y, vert, vd);
+    };
+    V* r = ring + 4 * v;  // vert, vd of the two older columns
+    V vt[4] = {r[0], r[2], V{}, V{}}, vd[4] = {r[1], r[3], V{}, V{}};
+    if (In1) column(e, vt[2], vd[2]);
+    if (In2) column(e + second, vt[3], vd[3]);
+    V& sy = acc[2 * v];
+    V& sx = acc[2 * v + 1];
+    V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
+    chk.add(gv);
+    put32<true>(reinterpret_cast<char*>(o + e), &gv);
+    if (Two) {
+      gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy, sx);
+      chk.add(gv);
+      put32<true>(reinterpret_cast<char*>(o + C + e), &gv);
+    }
+    r[0] = vt[2], r[1] = vd[2], r[2] = vt[3], r[3] = vd[3];
+  }
+}
+
+template <typename T, typename A>
+bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<3, A>& p, int64_t C, int64_t W,
+                        int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L;
+  const int64_t k0 = p.win.k0;
+  for (int c = 0; c < 2; ++c) {  // the ring: vert, vd of columns k0 and k0 + 1
+    const int64_t col = k0 + c;
+    for (int64_t v = 0; v < p.nv; ++v) {
+      V vert{}, vd{};
+      if (col >= 0 && col < W) {
+        const V y[3] = {vload<true, A>(grows[0] + col * C + v * L, L), vload<true, A>(grows[1] + col * C + v * L, L),
+                        vload<true, A>(grows[2] + col * C + v * L, L)};
+        g_column<3, A>(p.k.data() + v * CornerPicks<3, A>::K, y, vert, vd);
+      }
+      ring[4 * v + 2 * c] = vert, ring[4 * v + 2 * c + 1] = vd;
+    }
+  }
+  FiniteCheck<A> chk;
+  for (int64_t j = 0; j < W; j += 2) {
+    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+    const bool two = j + 1 < W, in1 = c1 >= 0 && c1 < W, in2 = two && c2 >= 0 && c2 < W;
+    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
+    const T* src[3] = {grows[0] + at, grows[1] + at, grows[2] + at};
+    const T* xp = xrow + j * C;
+    T* o = gxrow + j * C;
+    const int64_t pf = in1 || in2 ? ahead : 0;
+    if (!two) {
+      in1 ? backward_pair_pass<true, false, false>(src, xp, p, C, pf, ring, o, acc, chk)
+          : backward_pair_pass<false, false, false>(src, xp, p, C, pf, ring, o, acc, chk);
+    } else if (in1) {
+      in2 ? backward_pair_pass<true, true, true>(src, xp, p, C, pf, ring, o, acc, chk)
+          : backward_pair_pass<true, false, true>(src, xp, p, C, pf, ring, o, acc, chk);
+    } else {
+      in2 ? backward_pair_pass<false, true, true>(src, xp, p, C, pf, ring, o, acc, chk)
+          : backward_pair_pass<false, false, true>(src, xp, p, C, pf, ring, o, acc, chk);
+    }
+  }
+  stream_fence<true>();
+  return chk.finite();
+}
+
+// Whether the fused backward takes two pixels per pass (backward_row_pairs): at R = 3, where gx can be streamed
+// (T == A, whole 32-byte vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, 9 vectors per
+// vector of channels (plan 3, ring 4, sums 2: 36 bytes per float channel), exceeds kPairBytes, three quarters of a
+// 32 KB L1: shuffled A/B, kernels alone, two pixels / one: 0.76-0.90x at 768-1280 channels (0.9-38 MB), 0.95-1.03x
+// at 576, 1.18x at 384 (twelfth session, ops_notes.md).
+constexpr int64_t kPairBytes = 24 << 10;
+template <typename T, typename A>
+bool pairs_fit(const T* gx, int64_t C) {
+  using V = typename Vec<A>::V;
+  const int64_t nv = (C + Vec<A>::L - 1) / Vec<A>::L;
+  return std::is_same<T, A>::value && (C * sizeof(T)) % 32 == 0 && reinterpret_cast<uintptr_t>(gx) % 32 == 0 &&
+         9 * nv * static_cast<int64_t>(sizeof(V)) > kPairBytes;
 }
 
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
@@ -2575,23 +2781,33 @@ template <typename T, typename A>
 bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, int64_t H, int64_t W,
                          const Bilinear<A>& q, double* out) {
   const Window<A> win(q, C, -1);
+  const bool pairs = pairs_fit<T, A>(gx, C);
   return with_window(win, [&](auto r) {
     constexpr int R = decltype(r)::value;
     using V = typename Vec<A>::V;
     const CornerPicks<R, A> p(q, C, -1);
     const std::vector<T> zero_row(W * C, T(0));
     const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
+    OutsideScan<A> outside(q, H, W, C);
     const auto partial = row_block_sums<A>(N, H, W, C, [&] {
       return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
         const T* gimg = g + n * H * W * C;
         const T* rows[R];
         window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
         T* gxrow = gx + (n * H + i) * W * C;
-        if (!backward_row<R>(rows, x + (n * H + i) * W * C, p, C, W, ahead, gxrow, ring.data(), sums))
-          bilinear_exact_row<1>(q, -1, gimg, C, H, W, i, W, gxrow);
+        const T* xrow = x + (n * H + i) * W * C;
+        bool finite;
+        if constexpr (R == 3) {
+          finite = pairs ? backward_row_pairs(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums)
+                         : backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
+        } else {
+          finite = backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
+        }
+        if (!finite) bilinear_exact_row<1>(q, -1, gimg, C, H, W, i, W, gxrow);
+        outside.row(gimg + i * W * C, i);  // g's row i, which the window has just read
       };
     });
-    reduce_shift_grad<1>(partial, g, x, q, N, C, H, W, H, W, out);
+    reduce_shift_grad<1>(partial, g, x, q, N, C, H, W, H, W, out, &outside);
   });
 }
 
@@ -2952,7 +3168,7 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
             if (!want_gs) continue;
             double &sy = plane_acc[2 * p], &sx = plane_acc[2 * p + 1];
             add_corner_sums(q_gs, c, c4, sy, sx);
-            if (std::isfinite(sy) && std::isfinite(sx)) continue;
+            if (std::isfinite(sy) && std::isfinite(sx) && !outside_not_finite(gp + p * H * W, H, W, q_gs, c)) continue;
             sy = sx = 0;  // inf/nan: the reference's per-pixel differences decide which
             shift_grad_plane<S>(gp + p * H * W, xp + p * H * W, H, W, Ho, Wo, q_gs, c, pad, col, sy, sx);
           }
@@ -3119,7 +3335,7 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
             backward_flat<true>(gxp + p * H * W, flat_plane(gp, p, N * C, H * W, reach, gscratch),
                                 flat_plane(zp, p, N * C, H * W, reach, zscratch), *flat, c, 4, kNoWeights<A>, c4);
             add_corner_sums(q, c, c4, sy, sx);
-            if (std::isfinite(sy) && std::isfinite(sx)) continue;
+            if (std::isfinite(sy) && std::isfinite(sx) && !outside_not_finite(gpl, H, W, q, c)) continue;
             sy = sx = 0;  // inf/nan: the reference's per-pixel differences (below) decide which
           } else {
             for (int64_t y = 0; y < H; ++y) {  // input gradient: inverse shift and the ReLU's mask
