@@ -2212,9 +2212,9 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // slower); not kept.
 // At stride 1 and R = 3 (ASL's shifts within a pixel) the forward and the adjoint compute two output pixels per pass
 // over the channels (sep_row_pairs): 0.69-0.90x the time of one pixel per pass on outputs of 25-75 MB (close to
-// `x.clone()`), 0.76-1.05x on cached ones (twelfth session, ops_notes.md). Two pixels per pass in the fused backward
-// ran 1.0-1.24x slower (perf's samples on its loads of x and g; prefetching them did not help; with gx streamed,
-// 0.85-0.92x at 1152 channels but 0.99-1.08x at 576); two output rows per pass in the forward, 1.33-1.40x slower;
+// `x.clone()`), 0.76-1.05x on cached ones (twelfth session, ops_notes.md). The fused backward takes two pixels per
+// pass only where its per-channel data exceeds L1 (backward_row_pairs, pairs_fit); two output rows per pass in the
+// forward ran 1.33-1.40x slower;
 // tiles of 8 pixels per vector of channels, the weights in registers, 0.77-0.91x at 32x1152x16x16 but 1.1-1.6x
 // slower at 1x576x112x112 and 32x96x32x32 (30 pixels read side by side, not 3 sequential rows).
 
