@@ -2688,7 +2688,7 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
 // plan and the ring's two older columns serve both, and the sums are loaded and stored once for both (the compiler
 // keeps acc[2 v], acc[2 v + 1] in registers across the pass): 17 loads per two output vectors where backward_row
 // makes 16 per one. gx goes out as non-temporal stores after both pixels' x are loaded (with ordinary stores, or
-// with x loaded after a streamed store to the same address bits, the pass ran 1.06-1.23x slower than one pixel per
+// with x loaded after a streamed store to the same address bits, the pass ran 1.0-1.24x slower than one pixel per
 // pass). Used where the one-pixel pass's per-channel data exceeds L1 (pairs_fit). Vectors [0, C / L), all full.
 template <bool In1, bool In2, bool Two, typename T, typename A>
 inline void backward_pair_pass(const T* s0, const T* s1, const T* s2, int64_t second, const T* xp,
