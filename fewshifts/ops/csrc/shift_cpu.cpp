@@ -2381,44 +2381,22 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
   return chk.finite();
 }
 
-// The passes of a two-pixel row kernel (sep_row_pairs, backward_row_pairs) over output pixels j = 0, 2, 4, ... below
-// Wo: the new source columns c1 = j + k0 + 2 and c2 = c1 + 1 of each; pass(In1, In2, Two, s0, s1, s2, second, j,
-// ahead) with In1, In2 whether they lie inside the image, Two whether j + 1 is an output, s0, s1, s2 the window's
-// rows at c1 (at c2 without In1), second the offset of c2 from there, and no prefetch where neither column is inside.
-template <typename T, typename Pass>
-void pair_passes(const T* const* rows, int64_t C, int64_t k0, int64_t Ws, int64_t Wo, int64_t ahead,
-                 const Pass& pass) {
-  using Y = std::true_type;
-  using N = std::false_type;
-  for (int64_t j = 0; j < Wo; j += 2) {
-    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
-    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
-    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C, second = in1 ? C : 0, pf = in1 || in2 ? ahead : 0;
-    const T *s0 = rows[0] + at, *s1 = rows[1] + at, *s2 = rows[2] + at;
-    if (!two) {
-      in1 ? pass(Y{}, N{}, N{}, s0, s1, s2, second, j, pf) : pass(N{}, N{}, N{}, s0, s1, s2, second, j, pf);
-    } else if (in1) {
-      in2 ? pass(Y{}, Y{}, Y{}, s0, s1, s2, second, j, pf) : pass(Y{}, N{}, Y{}, s0, s1, s2, second, j, pf);
-    } else {
-      in2 ? pass(N{}, Y{}, Y{}, s0, s1, s2, second, j, pf) : pass(N{}, N{}, Y{}, s0, s1, s2, second, j, pf);
-    }
-  }
-}
-
 // sep_row at stride 1 and R = 3 with two output pixels, j and j + 1, per pass over the channels: the pass computes
 // the vertical sums of the new columns c1 = j + k0 + 2 and c2 = c1 + 1 (In1, In2: inside the image, else 0; Two:
 // j + 1 is an output), and each vector's six weights and the ring's two old columns serve both outputs: 7 loads per
 // output vector, where sep_row's loop makes 13. The ring holds the vertical sums of the last two columns, side by
-// side per vector. s0, s1, s2 are the source rows at column c1 (at c2 without In1), `second` the offset of c2
-// (PairColumns). Vectors [v0, v1), of len lanes. With ahead != 0 the newest row is prefetched for both columns, once
-// per line (prefetching column c1 only, once per vector, left every other pixel to the hardware: 0.89-1.0x with
-// both, on outputs of 25-75 MB; twelfth session).
+// side per vector. src[t] is source row t at column c1 (at c2 without In1). Vectors [v0, v1), of len lanes. With
+// ahead != 0 the newest row is prefetched for both columns, once per line (prefetching column c1 only, once per
+// vector, left every other pixel to the hardware: 0.89-1.0x with both, on outputs of 25-75 MB; twelfth session).
 template <bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
-inline void sep_pair_pass(const T* s0, const T* s1, const T* s2, int64_t second, const typename Vec<A>::V* plan,
-                          int64_t C, int64_t v0, int64_t v1, int64_t len, int64_t ahead, typename Vec<A>::V* ring,
-                          T* o, FiniteCheck<A>& chk) {
+inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, int64_t C, int64_t v0, int64_t v1,
+                          int64_t len, int64_t ahead, typename Vec<A>::V* ring, T* o, FiniteCheck<A>& chk) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
+  const T* s0 = src[0];
+  const T* s1 = src[1];
+  const T* s2 = src[2];
+  const int64_t second = In1 ? C : 0;  // column c2's offset from src
   for (int64_t v = v0; v < v1; ++v) {
     const V* k = plan + v * K;
     const int64_t e = v * L;
@@ -2472,14 +2450,28 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
     }
   }
   FiniteCheck<A> chk;
-  pair_passes(rows, C, k0, Ws, Wo, ahead, [&](auto i1, auto i2, auto tw, const T* s0, const T* s1, const T* s2,
-                                                int64_t second, int64_t j, int64_t pf) {
-    constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
+  for (int64_t j = 0; j < Wo; j += 2) {
+    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
+    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
+    const T* src[3] = {rows[0] + at, rows[1] + at, rows[2] + at};
     T* o = orow + j * C;
-    sep_pair_pass<Stream, I1, I2, Tw, true>(s0, s1, s2, second, plan, C, 0, full, L, pf, ring, o, chk);
-    if (tail != 0)
-      sep_pair_pass<Stream, I1, I2, Tw, false>(s0, s1, s2, second, plan, C, full, nv, tail, 0, ring, o, chk);
-  });
+    auto pass = [&](auto i1, auto i2, auto tw) {
+      constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
+      const int64_t pf = in1 || in2 ? ahead : 0;
+      sep_pair_pass<Stream, I1, I2, Tw, true>(src, plan, C, 0, full, L, pf, ring, o, chk);
+      if (tail != 0) sep_pair_pass<Stream, I1, I2, Tw, false>(src, plan, C, full, nv, tail, 0, ring, o, chk);
+    };
+    using Y = std::true_type;
+    using N = std::false_type;
+    if (!two) {
+      in1 ? pass(Y{}, N{}, N{}) : pass(N{}, N{}, N{});
+    } else if (in1) {
+      in2 ? pass(Y{}, Y{}, Y{}) : pass(Y{}, N{}, Y{});
+    } else {
+      in2 ? pass(N{}, Y{}, Y{}) : pass(N{}, N{}, Y{});
+    }
+  }
   return chk.finite();
 }
 
@@ -2691,11 +2683,15 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
 // with x loaded after a streamed store to the same address bits, the pass ran 1.0-1.24x slower than one pixel per
 // pass). Used where the one-pixel pass's per-channel data exceeds L1 (pairs_fit). Vectors [0, C / L), all full.
 template <bool In1, bool In2, bool Two, typename T, typename A>
-inline void backward_pair_pass(const T* s0, const T* s1, const T* s2, int64_t second, const T* xp,
-                               const CornerPicks<3, A>& p, int64_t C, int64_t ahead, typename Vec<A>::V* ring, T* o,
-                               typename Vec<A>::V* acc, FiniteCheck<A>& chk) {
+inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C,
+                               int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
+                               FiniteCheck<A>& chk) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L, K = CornerPicks<3, A>::K;
+  const T* s0 = src[0];
+  const T* s1 = src[1];
+  const T* s2 = src[2];
+  const int64_t second = In1 ? C : 0;  // column c2's offset from src
   for (int64_t v = 0; v < p.nv; ++v) {
     const V* k = p.k.data() + v * K;
     const int64_t e = v * L;
@@ -2743,11 +2739,25 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
     }
   }
   FiniteCheck<A> chk;
-  pair_passes(grows, C, k0, W, W, ahead, [&](auto i1, auto i2, auto tw, const T* s0, const T* s1, const T* s2,
-                                             int64_t second, int64_t j, int64_t pf) {
-    constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
-    backward_pair_pass<I1, I2, Tw>(s0, s1, s2, second, xrow + j * C, p, C, pf, ring, gxrow + j * C, acc, chk);
-  });
+  for (int64_t j = 0; j < W; j += 2) {
+    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+    const bool two = j + 1 < W, in1 = c1 >= 0 && c1 < W, in2 = two && c2 >= 0 && c2 < W;
+    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
+    const T* src[3] = {grows[0] + at, grows[1] + at, grows[2] + at};
+    const T* xp = xrow + j * C;
+    T* o = gxrow + j * C;
+    const int64_t pf = in1 || in2 ? ahead : 0;
+    if (!two) {
+      in1 ? backward_pair_pass<true, false, false>(src, xp, p, C, pf, ring, o, acc, chk)
+          : backward_pair_pass<false, false, false>(src, xp, p, C, pf, ring, o, acc, chk);
+    } else if (in1) {
+      in2 ? backward_pair_pass<true, true, true>(src, xp, p, C, pf, ring, o, acc, chk)
+          : backward_pair_pass<true, false, true>(src, xp, p, C, pf, ring, o, acc, chk);
+    } else {
+      in2 ? backward_pair_pass<false, true, true>(src, xp, p, C, pf, ring, o, acc, chk)
+          : backward_pair_pass<false, false, true>(src, xp, p, C, pf, ring, o, acc, chk);
+    }
+  }
   stream_fence<true>();
   return chk.finite();
 }
