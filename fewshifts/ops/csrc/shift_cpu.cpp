@@ -1935,31 +1935,39 @@ void exact_shift_grad(const T* g, const T* x, const Bilinear<A>& q, int64_t N, i
 // (backward_flat, backward_nhwc_fused) never read such a g, so a channel with a g there that is not finite is
 // recomputed as the reference does.
 struct OutsideBand {
-  int64_t top, bottom, left, right;
-  OutsideBand(int64_t H, int64_t W, int64_t fy, int64_t fx)
-      : top(std::clamp<int64_t>(-fy - 1, 0, H)), bottom(std::clamp<int64_t>(H - fy, top, H)),
+  int64_t H, W, top, bottom, left, right;
+  OutsideBand(int64_t H_, int64_t W_, int64_t fy, int64_t fx)
+      : H(H_), W(W_), top(std::clamp<int64_t>(-fy - 1, 0, H)), bottom(std::clamp<int64_t>(H - fy, top, H)),
         left(std::clamp<int64_t>(-fx - 1, 0, W)), right(std::clamp<int64_t>(W - fx, left, W)) {}
-  bool empty(int64_t H, int64_t W) const { return top == 0 && bottom == H && left == 0 && right == W; }
+  bool empty() const { return top == 0 && bottom == H && left == 0 && right == W; }
   bool holds(int64_t i, int64_t j) const { return i < top || i >= bottom || j < left || j >= right; }
+  // f(j0, j1) for the runs of columns of row i in the band: the whole row, or [0, left) and [right, W)
+  template <typename F>
+  void runs(int64_t i, const F& f) const {
+    if (i < top || i >= bottom) return f(int64_t{0}, W);
+    f(int64_t{0}, left);
+    f(right, W);
+  }
+  // the band of both: an output pixel in either's band is in this one's (for one pass over several channels' bands)
+  void unite(const OutsideBand& o) {
+    top = std::max(top, o.top), bottom = std::min(bottom, o.bottom);
+    left = std::max(left, o.left), right = std::min(right, o.right);
+  }
 };
 
 // Whether one NCHW output plane g (H x W, stride 1) has a g that is not finite in channel c's OutsideBand
 template <typename T, typename A>
 bool outside_not_finite(const T* g, int64_t H, int64_t W, const Bilinear<A>& q, int64_t c) {
   const OutsideBand o(H, W, q.fy[c], q.fx[c]);
-  if (o.empty(H, W)) return false;
+  if (o.empty()) return false;
   int bad = 0;  // or-ed (v - v) != (v - v): true for inf and nan (a loop the compiler vectorises)
-  auto scan = [&](const T* p, int64_t n) {
-    for (int64_t k = 0; k < n; ++k) {
-      const A v = static_cast<A>(p[k]), d = v - v;
-      bad |= d != d;
-    }
-  };
-  for (int64_t i = 0; i < H; ++i) {
-    const bool whole = i < o.top || i >= o.bottom;  // else columns [0, left) and [right, W)
-    scan(g + i * W, whole ? W : o.left);
-    if (!whole) scan(g + i * W + o.right, W - o.right);
-  }
+  for (int64_t i = 0; i < H; ++i)
+    o.runs(i, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const A v = static_cast<A>(g[i * W + j]), d = v - v;
+        bad |= d != d;
+      }
+    });
   return bad != 0;
 }
 
@@ -1969,45 +1977,43 @@ bool outside_not_finite(const T* g, int64_t H, int64_t W, const Bilinear<A>& q, 
 // after the row's pass, which has just read it. Safe to call from several threads.
 template <typename A>
 struct OutsideScan {
-  int64_t H, W, C, top = 0, bottom, left = 0, right;  // the union of the channels' bands
+  int64_t C;
   std::vector<OutsideBand> band;
+  OutsideBand all;  // the union of the channels' bands
   std::unique_ptr<std::atomic<bool>[]> flag;
-  OutsideScan(const Bilinear<A>& q, int64_t H_, int64_t W_, int64_t C_)
-      : H(H_), W(W_), C(C_), bottom(H_), right(W_), flag(new std::atomic<bool>[C_]) {
+  OutsideScan(const Bilinear<A>& q, int64_t H, int64_t W, int64_t C_)
+      : C(C_), all(H, W, 0, 0), flag(new std::atomic<bool>[C_]) {
     for (int64_t c = 0; c < C; ++c) {
       band.emplace_back(H, W, q.fy[c], q.fx[c]);
-      top = std::max(top, band[c].top), bottom = std::min(bottom, band[c].bottom);
-      left = std::max(left, band[c].left), right = std::min(right, band[c].right);
+      all.unite(band[c]);
       flag[c].store(false, std::memory_order_relaxed);
     }
   }
-  bool empty() const { return top == 0 && bottom == H && left == 0 && right == W; }
   template <typename T>
   void row(const T* grow, int64_t i) {
-    if (empty()) return;
+    if (all.empty()) return;
     constexpr int L = Vec<A>::L;
     const int64_t full = C / L;
-    const bool whole = i < top || i >= bottom;  // else columns [0, left) and [right, W)
-    auto test = [&](int64_t j) {
-      const T* px = grow + j * C;
-      FiniteCheck<A> chk;
-      for (int64_t v = 0; v < full; ++v) chk.add(vload<true, A>(px + v * L, L));
-      bool any = !chk.finite();
-      for (int64_t c = full * L; c < C; ++c) any |= !std::isfinite(static_cast<double>(px[c]));
-      if (any)
-        for (int64_t c = 0; c < C; ++c)
-          if (!std::isfinite(static_cast<double>(px[c])) && band[c].holds(i, j))
-            flag[c].store(true, std::memory_order_relaxed);
-    };
-    for (int64_t j = 0; j < (whole ? W : left); ++j) test(j);
-    for (int64_t j = whole ? W : right; j < W; ++j) test(j);
+    all.runs(i, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const T* px = grow + j * C;
+        FiniteCheck<A> chk;
+        for (int64_t v = 0; v < full; ++v) chk.add(vload<true, A>(px + v * L, L));
+        bool any = !chk.finite();
+        for (int64_t c = full * L; c < C; ++c) any |= !std::isfinite(static_cast<double>(px[c]));
+        if (any)
+          for (int64_t c = 0; c < C; ++c)
+            if (!std::isfinite(static_cast<double>(px[c])) && band[c].holds(i, j))
+              flag[c].store(true, std::memory_order_relaxed);
+      }
+    });
   }
   // the flagged channels added to bad (sorted, each once)
   void add_to(std::vector<int64_t>& bad) const {
     for (int64_t c = 0; c < C; ++c)
-      if (flag[c].load(std::memory_order_relaxed) && std::find(bad.begin(), bad.end(), c) == bad.end())
-        bad.push_back(c);
+      if (flag[c].load(std::memory_order_relaxed)) bad.push_back(c);
     std::sort(bad.begin(), bad.end());
+    bad.erase(std::unique(bad.begin(), bad.end()), bad.end());
   }
 };
 
@@ -2213,10 +2219,10 @@ bool bilinear_nhwc_vec(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // At stride 1 and R = 3 (ASL's shifts within a pixel) the forward and the adjoint compute two output pixels per pass
 // over the channels (sep_row_pairs): 0.69-0.90x the time of one pixel per pass on outputs of 25-75 MB (close to
 // `x.clone()`), 0.76-1.05x on cached ones (twelfth session, ops_notes.md). The fused backward takes two pixels per
-// pass only where its per-channel data exceeds L1 (backward_row_pairs, pairs_fit); two output rows per pass in the
-// forward ran 1.33-1.40x slower;
-// tiles of 8 pixels per vector of channels, the weights in registers, 0.77-0.91x at 32x1152x16x16 but 1.1-1.6x
-// slower at 1x576x112x112 and 32x96x32x32 (30 pixels read side by side, not 3 sequential rows).
+// pass only where its per-channel data exceeds L1 (backward_row_pairs, pairs_fit). Two output rows per pass in the
+// forward ran 1.33-1.40x slower; tiles of 8 pixels per vector of channels, the weights in registers, 0.77-0.91x at
+// 32x1152x16x16 but 1.1-1.6x slower at 1x576x112x112 and 32x96x32x32 (30 pixels read side by side, not 3
+// sequential rows).
 
 template <typename A>
 struct Window {  // the rows r0 .. r0+rows-1 and columns k0 .. k0+cols-1 that all channels' corners lie in
@@ -3170,7 +3176,8 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
             if (!want_gs) continue;
             double &sy = plane_acc[2 * p], &sx = plane_acc[2 * p + 1];
             add_corner_sums(q_gs, c, c4, sy, sx);
-            if (std::isfinite(sy) && std::isfinite(sx) && !outside_not_finite(gp + p * H * W, H, W, q_gs, c)) continue;
+            if (std::isfinite(sy) && std::isfinite(sx) && !outside_not_finite(gp + p * H * W, H, W, q_gs, c))
+              continue;
             sy = sx = 0;  // inf/nan: the reference's per-pixel differences decide which
             shift_grad_plane<S>(gp + p * H * W, xp + p * H * W, H, W, Ho, Wo, q_gs, c, pad, col, sy, sx);
           }
