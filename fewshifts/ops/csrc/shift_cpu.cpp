@@ -22,7 +22,6 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
-#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -366,7 +365,9 @@ struct FlatTaps {
   // disp(c, k) gives channel c's tap k as (dy, dx); displacements of |dy| >= H or |dx| >= W read nothing.
   template <typename F>
   FlatTaps(int64_t C, int64_t H, int64_t W, int64_t taps_, const F& disp) : n(H * W), taps(taps_) {
-    std::map<std::pair<int64_t, int64_t>, int64_t> index;  // displacement -> its mask
+    // displacement (dy, dx), |dy| <= H, |dx| < W -> its mask, -1 before it is seen: a table rather than a map, whose
+    // node per lookup cost 40 ns per channel and tap, serially (0.3 ms per call at 1152 channels, 8 taps)
+    std::vector<int32_t> index((2 * H + 1) * (2 * W + 1), -1);
     std::vector<Disp> seen;
     std::vector<int64_t> which(C * taps);
     off.resize(C * taps);
@@ -375,9 +376,9 @@ struct FlatTaps {
       for (int64_t k = 0; k < taps; ++k) {
         Disp d = disp(c, k);
         if (std::abs(d.dy) >= H || std::abs(d.dx) >= W) d = {H, 0};  // nothing inside: an all-zero mask
-        const auto it = index.emplace(std::make_pair(d.dy, d.dx), static_cast<int64_t>(seen.size())).first;
-        if (it->second == static_cast<int64_t>(seen.size())) seen.push_back(d);
-        which[c * taps + k] = it->second;
+        int32_t& i = index[(d.dy + H) * (2 * W + 1) + d.dx + W];
+        if (i < 0) i = static_cast<int32_t>(seen.size()), seen.push_back(d);
+        which[c * taps + k] = i;
         off[c * taps + k] = d.dy == H ? 0 : d.dy * W + d.dx;
         reach[c] = std::max(reach[c], std::abs(off[c * taps + k]));
       }
