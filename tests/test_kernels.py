@@ -112,6 +112,13 @@ def _tol(dtype: torch.dtype) -> dict:
             torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}[dtype]
 
 
+def _assert_shift_grad_close(gs: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
+    """Shift gradients are sums over N*Ho*Wo products: tolerance relative to the sum of their magnitudes."""
+    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / x.shape[1] + 1
+    eps = 1e-12 if x.dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(gs.double(), ref.double(), rtol=0, atol=float(eps * scale))
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_integer_kernels_match_reference_exactly(kernels, plane_form, case):
     x, shifts, _, grad = _inputs(case)
@@ -139,13 +146,10 @@ def test_bilinear_kernels_match_reference(kernels, plane_form, case):
     _assert_same_format(gx, ref_gx)
     torch.testing.assert_close(gx, ref_gx, **_tol(dtype))
 
-    # shift gradients are sums over N*Ho*Wo products: tolerance relative to the sum of their magnitudes
     gs, ref_gs = kernels.bilinear_backward_shifts(grad, x, real, stride), reference.bilinear_backward_shifts(
         grad, x, real, stride)
     assert gs.dtype == ref_gs.dtype == real.dtype and gs.shape == real.shape
-    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / x.shape[1] + 1
-    eps = 1e-12 if dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+    _assert_shift_grad_close(gs, ref_gs, grad, x)
 
     fused_gx, fused_gs = kernels.bilinear_backward(grad, x, real, stride)
     assert torch.equal(fused_gx, gx) and torch.equal(fused_gs, gs)
@@ -202,9 +206,9 @@ def test_integer_kernels_nchw_whole_vector_planes(kernels, plane_form, stores, d
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bilinear_forward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
-    """NCHW planes of whole 32-byte vectors, where the flat bilinear forward can stream its stores, each a fixed
-    number of vectors behind the loads (FlatOut): planes shorter than that lag (2x8), shifts within a pixel, up to 3
-    rows (a lag past its cap of 32 vectors: 3 rows of 112 floats) and beyond the image, against the reference."""
+    """NCHW planes of whole 32-byte vectors, where the flat bilinear forward can stream its stores (into an output
+    placed half a page from the input, output_apart): planes of two float vectors (2x8), shifts within a pixel, up to
+    3 rows (3 rows of 112 floats) and beyond the image, against the reference."""
     g = torch.Generator().manual_seed(6)
     for h, w in [(2, 8), (8, 12), (32, 32), (6, 112)]:
         shifts = (torch.rand(40, 2, generator=g) * 2 - 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -213,6 +217,57 @@ def test_bilinear_forward_nchw_whole_vector_planes(kernels, plane_form, stores, 
         x = torch.randn(3, 40, h, w, generator=g).to(dtype)
         out = kernels.bilinear_forward(x, shifts, 1)
         torch.testing.assert_close(out, reference.bilinear_forward(x, shifts, 1), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
+    """NCHW planes of whole 32-byte vectors, where the flat backward kernels can stream the input gradient (into an
+    output placed half a page from g and x: output_apart): the fused bilinear backward, the input gradient alone, the
+    quantization-aware backward and its ReLU-fused form, against the reference; the input gradient is an ordinary
+    contiguous NCHW tensor wherever its storage begins."""
+    g = torch.Generator().manual_seed(9)
+    for h, w in [(2, 8), (8, 12), (32, 32), (6, 112)]:
+        real = (torch.rand(40, 2, generator=g) * 2 - 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        real[3], real[4] = torch.tensor([h + 0.5, 0.25]), torch.tensor([0.75, -(w + 3.5)])
+        real[5], real[6] = torch.tensor([-2.5, 0.5]), torch.tensor([2.25, -1.75])
+        rounded = torch.round(real).long()
+        x = torch.randn(3, 40, h, w, generator=g).to(dtype)
+        grad = torch.randn(3, 40, h, w, generator=g).to(dtype)
+        gx, gs = kernels.bilinear_backward(grad, x, real, 1)
+        ref_gx, ref_gs = reference.bilinear_backward(grad, x, real, 1)
+        assert gx.shape == x.shape and gx.is_contiguous()
+        torch.testing.assert_close(gx, ref_gx, **_tol(dtype))
+        _assert_shift_grad_close(gs, ref_gs, grad, x)
+        torch.testing.assert_close(kernels.bilinear_backward_input(grad, real, 1, h, w), ref_gx, **_tol(dtype))
+        sgx, sgs = kernels.sparse_backward(grad, x, rounded, real, 1)
+        assert torch.equal(sgx, reference.shift_backward(grad, rounded, 1, h, w))
+        _assert_shift_grad_close(sgs, ref_gs, grad, x)
+        rgx, rgs = kernels.relu_sparse_backward(grad, x, rounded, real, 1)
+        ref_rgx, ref_rgs = reference.relu_sparse_backward(grad, x, rounded, real, 1)
+        assert torch.equal(rgx, ref_rgx)
+        _assert_shift_grad_close(rgs, ref_rgs, grad, x)
+
+
+def test_streamed_outputs_start_apart_from_their_inputs(kernels, monkeypatch):
+    """With streaming stores (FEWSHIFTS_STREAM=1) the NCHW bilinear forward's output and the backward's input gradient
+    begin about half a 4 KB page from their inputs' data, mod 4 KB (a streamed store delays later loads at the same
+    address bits 0-11); with ordinary stores they are ordinary new tensors."""
+    g = torch.Generator().manual_seed(10)
+    x, grad = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    real = torch.rand(16, 2, generator=g) * 2 - 1
+
+    def gap(a: torch.Tensor, b: torch.Tensor) -> int:
+        d = (a.data_ptr() - b.data_ptr()) % 4096
+        return min(d, 4096 - d)
+
+    monkeypatch.setenv("FEWSHIFTS_STREAM", "1")
+    out = kernels.bilinear_forward(x, real, 1)
+    gx = kernels.bilinear_backward(grad, x, real, 1)[0]
+    assert gap(out, x) >= 2048 - 64
+    assert min(gap(gx, x), gap(gx, grad)) >= 1024 - 64
+    monkeypatch.setenv("FEWSHIFTS_STREAM", "0")
+    assert kernels.bilinear_forward(x, real, 1).storage_offset() == 0
+    assert kernels.bilinear_backward(grad, x, real, 1)[0].storage_offset() == 0
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -296,11 +351,9 @@ def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, strid
     # the input gradient alone (x needs no shift gradient) takes another kernel
     torch.testing.assert_close(kernels.bilinear_backward_input(grad, real, stride, H, W), ref_gx, **_tol(dtype))
     ref_gs = reference.bilinear_backward_shifts(grad, x, real, stride)
-    scale = 4 * grad.double().abs().sum() * x.double().abs().max() / channels + 1
-    eps = 1e-12 if dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(gs.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+    _assert_shift_grad_close(gs, ref_gs, grad, x)
     gs_only = kernels.bilinear_backward_shifts(grad, x, real, stride)  # another kernel where x needs no gradient
-    torch.testing.assert_close(gs_only.double(), ref_gs.double(), rtol=0, atol=float(eps * scale))
+    _assert_shift_grad_close(gs_only, ref_gs, grad, x)
     # the same gradients whatever the number of threads (fixed summation order)
     threads = torch.get_num_threads()
     try:

@@ -51,6 +51,30 @@ Tensor new_output(const Tensor& like, int64_t h, int64_t w, bool channels_last) 
   return at::empty({like.size(0), like.size(1), h, w}, like.options().memory_format(format_of(channels_last)));
 }
 
+// An NCHW output of like's type for a kernel that writes it with non-temporal stores while reading `inputs` at the
+// same element positions. Large tensors' data start at the same offset within a 4 KB page, so out[t] and in[t] share
+// their address bits 0-11, and a load waits for an in-flight streamed store with the same bits (4K aliasing). The
+// output's data therefore start as far as possible (about half a page) from every input's, mod 4 KB, in a storage one
+// page longer. A stand-alone loop of the NCHW backward's pattern, 75 MB, 2 threads: streamed 1.12-1.24x the time of
+// ordinary stores at the inputs' page offset, 0.79-0.86x half a page apart (docs/benchmarks/ops_notes.md).
+Tensor output_apart(const Tensor& like, int64_t h, int64_t w, std::initializer_list<const void*> inputs) {
+  constexpr int64_t kPage = 4096, kStep = 64;
+  const int64_t n = like.size(0) * like.size(1) * h * w, es = like.element_size();
+  Tensor storage = at::empty({n + kPage / es}, like.options());
+  const int64_t base = reinterpret_cast<int64_t>(storage.data_ptr());
+  int64_t best = 0, best_gap = -1;
+  for (int64_t k = 0; k < kPage; k += kStep) {  // k: the output's offset in the page
+    int64_t gap = kPage;
+    for (const void* in : inputs) {
+      const int64_t d = ((k - reinterpret_cast<int64_t>(in)) % kPage + kPage) % kPage;
+      gap = std::min(gap, std::min(d, kPage - d));
+    }
+    if (gap > best_gap) best = k, best_gap = gap;
+  }
+  const int64_t skip = ((best - base) % kPage + kPage) % kPage / es;
+  return storage.narrow(0, skip, n).view({like.size(0), like.size(1), h, w});
+}
+
 // Parallel loop over [0, n) items of about `cost` elements each; small problems stay on one thread.
 template <typename F>
 void parallel(int64_t n, int64_t cost, const F& f) {
@@ -196,6 +220,14 @@ template <typename T>
 bool stream_blocks(const T* dst, int64_t count, int64_t len) {
   return (reinterpret_cast<uintptr_t>(dst) | (len * sizeof(T))) % 32 == 0 &&
          stream_output(count * len * static_cast<int64_t>(sizeof(T)));
+}
+
+// Whether the NCHW flat loops stream an output of like's type with planes of h x w (flat_put): float or double
+// (T == A), planes of whole 32-byte vectors, output above the last-level cache. Such outputs come from output_apart.
+inline bool streams_planes(const Tensor& like, int64_t h, int64_t w) {
+  const int64_t es = like.element_size();
+  return (like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble) && h * w * es % 32 == 0 &&
+         stream_output(like.size(0) * like.size(1) * h * w * es);
 }
 
 // Software prefetch kPrefetchBytes ahead of a kernel's input streams. The hardware prefetchers stop at 4 KB page
@@ -1686,6 +1718,23 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   }
 }
 
+// A non-temporal store of a whole vector (p 32-byte aligned), by value: put32's copy through memory made the flat
+// backward keep its sums on the stack (a load and store per vector each, 1.06x slower than ordinary stores).
+inline void stream_vector(float* p, const Vec<float>::V& v) {
+#ifdef __AVX2__
+  _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+inline void stream_vector(double* p, const Vec<double>::V& v) {
+#ifdef __AVX2__
+  _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+
 // vload / vstore of a whole vector where len is L, else of its first len lanes
 template <typename A, typename T>
 inline typename Vec<A>::V vload_n(const T* p, int64_t len) {
@@ -2856,42 +2905,20 @@ inline typename Vec<A>::M mask_at(const int8_t* m) {
   return lane_mask<typename Vec<A>::U>(m);
 }
 
-// The stores of a flat loop (for_vectors) over a plane of n elements whose loads reach `reach` elements either side
-// of the one written: put(t, v) for each vector, then flush(). Without Stream each vector is stored where it belongs
-// (the last one cut at the plane's end). With Stream (T == A, out 32-byte aligned) whole vectors go out as
-// non-temporal stores `lag` vectors after they are computed, kept meanwhile in a ring. A streamed store stays in
-// flight far longer than an ordinary one, and a later load whose address has the same bits 0-11 waits for it (4K
-// aliasing: large tensors' planes start at the same offsets within a page, so out[t] aliases x[t]): streamed as
-// soon as computed, the NCHW bilinear forward ran 1.7-2.1x slower than with ordinary stores, and 0.8x with its input
-// 2 KB off. Lagging the stores past the loads' reach keeps every load ahead of them.
-template <bool Stream, typename T, typename A>
-struct FlatOut {
-  using V = typename Vec<A>::V;
-  static constexpr int L = Vec<A>::L, kMaxLag = 32;
-  static_assert(!Stream || std::is_same<T, A>::value, "streamed flat output needs T == A");
-  T* out;
-  int64_t n;
-  int lag = 1, slot = 0;
-  V ring[Stream ? kMaxLag : 1];
-  FlatOut(T* out_, int64_t n_, int64_t reach) : out(out_), n(n_) {
-    if constexpr (Stream) lag = static_cast<int>(std::min<int64_t>(kMaxLag, reach / L + 2));
+// A store of a flat loop (for_vectors) over a plane of n elements: with Stream (T == A, out 32-byte aligned) whole
+// vectors go out as non-temporal stores, into an output that output_apart placed half a page from the inputs (the
+// ninth to twelfth sessions streamed each vector a fixed number of vectors late instead, through a ring: the NCHW
+// bilinear forward took 1.2-1.5x the time it takes now, and the backward did not stream at all); else ordinary
+// stores, the last vector cut at the plane's end.
+template <bool Stream, bool Full, typename T, typename A>
+inline void flat_put(T* out, int64_t t, int64_t n, const typename Vec<A>::V& v) {
+  if constexpr (Stream && Full) {
+    static_assert(std::is_same<T, A>::value, "streamed flat output needs T == A");
+    stream_vector(out + t, v);
+  } else {
+    vstore<Full, A>(out + t, v, Full ? Vec<A>::L : n - t);
   }
-  template <bool Full>
-  void put(int64_t t, const V& v) {
-    if constexpr (Stream && Full) {
-      if (t >= lag * L) put32<true>(reinterpret_cast<char*>(out + t - lag * L), &ring[slot]);
-      ring[slot] = v;
-      slot = slot + 1 == lag ? 0 : slot + 1;
-    } else {
-      vstore<Full, A>(out + t, v, Full ? L : n - t);
-    }
-  }
-  void flush() {  // the last `lag` whole vectors
-    if constexpr (Stream)
-      for (int64_t i = std::max<int64_t>(0, n / L - lag); i < n / L; ++i)
-        put32<true>(reinterpret_cast<char*>(out + i * L), &ring[i % lag]);
-  }
-};
+}
 
 // f(std::bool_constant<Stream>) with Stream = stream where T == A (streamed flat output), false otherwise.
 template <typename T, typename A, typename F>
@@ -2908,12 +2935,11 @@ void relu_shift_flat(T* out, const T* z, const FlatTaps& f, int64_t c) {
   const T* src = z + f.off[c];
   const int8_t* m = f.mask[c];
   const int64_t n = f.n;
-  FlatOut<false, T, A> dst(out, n, 0);
   const bool pf = f.prefetch;
   for_vectors<Vec<A>::L>(n, [&](int64_t t, auto full) {
     if (pf) prefetch_ahead_of(z + t);
     const typename Vec<A>::V v = vload<true, A>(src + t, Vec<A>::L);
-    dst.template put<decltype(full)::value>(t, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)));
+    flat_put<false, decltype(full)::value, T, A>(out, t, n, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)));
   });
 }
 
@@ -2928,15 +2954,13 @@ void bilinear_flat(T* out, const T* x, const FlatTaps& f, int64_t c, const A* w)
   for (int k = 0; k < 4; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
   const A wk[4] = {w[0], w[1], w[2], w[3]};
   const int64_t n = f.n;
-  FlatOut<Stream, T, A> dst(out, n, f.reach[c]);
   const bool pf = f.prefetch;
   for_vectors<L>(n, [&](int64_t t, auto full) {
     if (pf) prefetch_ahead_of(x + t);
     V acc{};
     for (int k = 0; k < 4; ++k) acc += wk[k] * keep<A>(vload<true, A>(x + o[k] + t, L), mask_at<A>(mk[k] + t));
-    dst.template put<decltype(full)::value>(t, acc);
+    flat_put<Stream, decltype(full)::value, T, A>(out, t, n, acc);
   });
-  dst.flush();
 }
 
 // Backward of one plane. Taps 0-3 (when `corners` is 4): the corners d_k of the real shift, negated. The corner
@@ -2954,7 +2978,7 @@ void bilinear_flat(T* out, const T* x, const FlatTaps& f, int64_t c, const A* w)
 template <typename A>
 constexpr A kNoWeights[4] = {};
 
-template <bool Relu, int Corners, int Gi, bool Shared, typename T, typename A>
+template <bool Relu, int Corners, int Gi, bool Shared, bool Stream, typename T, typename A>
 void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, const A* w, A (&s)[4]) {
   using V = typename Vec<A>::V;
   using M = typename Vec<A>::M;
@@ -2964,8 +2988,7 @@ void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_
   for (int k = 0; k < taps; ++k) o[k] = f.off[c * f.taps + k], mk[k] = f.mask[c * f.taps + k];
   const A wk[4] = {w[0], w[1], w[2], w[3]};
   const int64_t n = f.n;
-  V acc[4] = {};
-  FlatOut<false, T, A> dst(gx, n, 0);
+  V acc0{}, acc1{}, acc2{}, acc3{};  // not an array: with one, GCC kept three of the sums on the stack when streaming
   const bool pf = f.prefetch;
   for_vectors<L>(n, [&](int64_t t, auto full) {
     if (pf) {
@@ -2983,7 +3006,7 @@ void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_
     if constexpr (Corners == 4) {
       for (int k = 0; k < 4; ++k) {
         const V gk = keep<A>(vload<true, A>(g + o[k] + t, L), mask_at<A>(mk[k] + t));
-        acc[k] += xv * gk;
+        (k == 0 ? acc0 : k == 1 ? acc1 : k == 2 ? acc2 : acc3) += xv * gk;
         if constexpr (Shared) v += wk[k] * gk;
       }
     }
@@ -2995,28 +3018,27 @@ void backward_flat_taps(T* gx, const T* g, const T* x, const FlatTaps& f, int64_
       for (int k = 0; k < 4; ++k)
         v += wk[k] * keep<A>(vload<true, A>(g + o[Corners + k] + t, L), mask_at<A>(mk[Corners + k] + t));
     }
-    if constexpr (Gi > 0) dst.template put<decltype(full)::value>(t, v);
+    if constexpr (Gi > 0) flat_put<Stream, decltype(full)::value, T, A>(gx, t, n, v);
   });
+  const V acc[4] = {acc0, acc1, acc2, acc3};
   for (int k = 0; k < 4; ++k) {
-    A lanes[L];
-    std::memcpy(lanes, &acc[k], sizeof(lanes));
     s[k] = A(0);
-    for (int l = 0; l < L; ++l) s[k] += lanes[l];
+    for (int l = 0; l < L; ++l) s[k] += acc[k][l];
   }
 }
 
-template <bool Relu, typename T, typename A>
+template <bool Relu, bool Stream, typename T, typename A>
 void backward_flat(T* gx, const T* g, const T* x, const FlatTaps& f, int64_t c, int64_t corners,
                    const A* w, A (&s)[4]) {
   const int64_t gi = gx != nullptr ? f.taps - corners : 0;
   const int64_t* o = &f.off[c * f.taps];
   if (corners == 4 && gi == 4 && o[4] == o[0] && o[5] == o[1] && o[6] == o[2] && o[7] == o[3])
-    return backward_flat_taps<Relu, 4, 4, true>(gx, g, x, f, c, w, s);
-  if (corners == 4 && gi == 0) return backward_flat_taps<Relu, 4, 0, false>(gx, g, x, f, c, w, s);
-  if (corners == 4 && gi == 1) return backward_flat_taps<Relu, 4, 1, false>(gx, g, x, f, c, w, s);
-  if (corners == 4 && gi == 4) return backward_flat_taps<Relu, 4, 4, false>(gx, g, x, f, c, w, s);
-  if (corners == 0 && gi == 1) return backward_flat_taps<Relu, 0, 1, false>(gx, g, x, f, c, w, s);
-  if (corners == 0 && gi == 4) return backward_flat_taps<Relu, 0, 4, false>(gx, g, x, f, c, w, s);
+    return backward_flat_taps<Relu, 4, 4, true, Stream>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 0) return backward_flat_taps<Relu, 4, 0, false, false>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 1) return backward_flat_taps<Relu, 4, 1, false, Stream>(gx, g, x, f, c, w, s);
+  if (corners == 4 && gi == 4) return backward_flat_taps<Relu, 4, 4, false, Stream>(gx, g, x, f, c, w, s);
+  if (corners == 0 && gi == 1) return backward_flat_taps<Relu, 0, 1, false, Stream>(gx, g, x, f, c, w, s);
+  if (corners == 0 && gi == 4) return backward_flat_taps<Relu, 0, 4, false, Stream>(gx, g, x, f, c, w, s);
   TORCH_CHECK(false, "backward_flat: unsupported taps");
 }
 
@@ -3060,7 +3082,8 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
   const Tensor x = x_in.contiguous(format_of(cl));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
-  Tensor out = new_output(x, Ho, Wo, cl);
+  const bool stream = !cl && stride == 1 && streams_planes(x, H, W);  // the flat loops' output (flat_put)
+  Tensor out = stream ? output_apart(x, H, W, {x.const_data_ptr()}) : new_output(x, Ho, Wo, cl);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bilinear_forward", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -3075,7 +3098,6 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
           bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, Displacements<A>(q, C));
         return;
       }
-      const bool stream = std::is_same<scalar_t, A>::value && stream_blocks(op, N * C, H * W);  // with_flat_stream
       const auto f = S == 1 ? flat_taps(C, H, W, 4, stream ? kFlatLargest : kFlatBilinearForward, x.nbytes(),
                                         [&](int64_t c, int64_t k) { return q.corner(c, k); }) : std::nullopt;
       if (f) {
@@ -3118,7 +3140,10 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
   const bool want_gx = args.input_shifts.defined(), want_gs = args.shifts.defined();
   const Tensor x = want_gs ? args.x.contiguous(format_of(cl)) : Tensor();
   const int64_t N = g.size(0), C = g.size(1), Ho = g.size(2), Wo = g.size(3), H = args.H, W = args.W;
-  Tensor gx = want_gx ? new_output(g, H, W, cl) : Tensor();
+  const bool stream = want_gx && !cl && args.stride == 1 && streams_planes(g, H, W);  // the flat loops' gx
+  Tensor gx = !want_gx ? Tensor()
+              : stream ? output_apart(g, H, W, {g.const_data_ptr(), want_gs ? x.const_data_ptr() : g.const_data_ptr()})
+                       : new_output(g, H, W, cl);
   Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
   Tensor gs;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "bilinear_backward", [&] {
@@ -3163,7 +3188,8 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
       });
       // planes in memory order; per-plane shift gradients are summed over n afterwards (deterministic)
       std::vector<double> plane_acc(want_gs ? N * C * 2 : 0, 0.0);
-      if (flat) {
+      if (flat) with_flat_stream<scalar_t, A>(stream, [&](auto st) {
+        constexpr bool Stream = decltype(st)::value;
         const FlatTaps& f = *flat;
         parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
           RowCache<scalar_t, A> pad;
@@ -3172,8 +3198,9 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
           for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0) {
             A c4[4];
             const scalar_t* xpl = want_gs ? flat_plane(xp, p, N * C, H * W, f.reach[c], xscratch) : nullptr;
-            backward_flat<false>(gxp + (want_gx ? p * H * W : 0), flat_plane(gp, p, N * C, H * W, f.reach[c], gscratch),
-                                 xpl, f, c, corners, gi == 4 ? q_gx.weights(c) : kNoWeights<A>, c4);
+            const scalar_t* gpl = flat_plane(gp, p, N * C, H * W, f.reach[c], gscratch);
+            backward_flat<false, Stream>(gxp + (want_gx ? p * H * W : 0), gpl, xpl, f, c, corners,
+                                         gi == 4 ? q_gx.weights(c) : kNoWeights<A>, c4);
             if (!want_gs) continue;
             double &sy = plane_acc[2 * p], &sx = plane_acc[2 * p + 1];
             add_corner_sums(q_gs, c, c4, sy, sx);
@@ -3182,8 +3209,9 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
             sy = sx = 0;  // inf/nan: the reference's per-pixel differences decide which
             shift_grad_plane<S>(gp + p * H * W, xp + p * H * W, H, W, Ho, Wo, q_gs, c, pad, col, sy, sx);
           }
+          stream_fence<Stream>();
         });
-      }
+      });
       // row form: the input gradient and the shift gradient are two passes (measured faster here than one fused
       // pass over both)
       if (!flat && want_gx) {
@@ -3309,7 +3337,8 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
   }
   const Tensor z = z_in.contiguous(), g = g_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), Ho = g.size(2), Wo = g.size(3);
-  Tensor gx = new_output(z, H, W, false);
+  const bool stream = stride == 1 && streams_planes(z, H, W);  // the flat loops' gx (flat_put)
+  Tensor gx = stream ? output_apart(z, H, W, {z.const_data_ptr(), g.const_data_ptr()}) : new_output(z, H, W, false);
   Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
   Tensor gs;
   Tensor holder;
@@ -3330,33 +3359,38 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
     });
     with_stride(stride, [&](auto st) {
       constexpr int S = decltype(st)::value;
-      parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
-        RowCache<scalar_t, A> pad;
-        std::vector<A> col;
-        std::vector<scalar_t> x, gscratch, zscratch;  // x: relu(z) of the plane, for shift_grad_plane
-        for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0) {
-          const scalar_t* zpl = zp + p * H * W;
-          const scalar_t* gpl = gp + p * Ho * Wo;
-          double& sy = plane_acc[2 * p];
-          double& sx = plane_acc[2 * p + 1];
-          if (flat) {  // input gradient and the corner sums of the shift gradient in one loop
-            A c4[4];
-            const int64_t reach = flat->reach[c];
-            backward_flat<true>(gxp + p * H * W, flat_plane(gp, p, N * C, H * W, reach, gscratch),
-                                flat_plane(zp, p, N * C, H * W, reach, zscratch), *flat, c, 4, kNoWeights<A>, c4);
-            add_corner_sums(q, c, c4, sy, sx);
-            if (std::isfinite(sy) && std::isfinite(sx) && !outside_not_finite(gpl, H, W, q, c)) continue;
-            sy = sx = 0;  // inf/nan: the reference's per-pixel differences (below) decide which
-          } else {
-            for (int64_t y = 0; y < H; ++y) {  // input gradient: inverse shift and the ReLU's mask
-              const int64_t r = m.rows[c].source(y);
-              relu_move_row(gxp + (p * H + y) * W, W, r >= 0 ? gpl + r * Wo : nullptr, m.cols[c], zpl + y * W);
+      with_flat_stream<scalar_t, A>(stream && flat.has_value(), [&](auto sm) {
+        constexpr bool Stream = decltype(sm)::value;
+        parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
+          RowCache<scalar_t, A> pad;
+          std::vector<A> col;
+          std::vector<scalar_t> x, gscratch, zscratch;  // x: relu(z) of the plane, for shift_grad_plane
+          for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0) {
+            const scalar_t* zpl = zp + p * H * W;
+            const scalar_t* gpl = gp + p * Ho * Wo;
+            double& sy = plane_acc[2 * p];
+            double& sx = plane_acc[2 * p + 1];
+            if (flat) {  // input gradient and the corner sums of the shift gradient in one loop
+              A c4[4];
+              const int64_t reach = flat->reach[c];
+              backward_flat<true, Stream>(gxp + p * H * W, flat_plane(gp, p, N * C, H * W, reach, gscratch),
+                                          flat_plane(zp, p, N * C, H * W, reach, zscratch), *flat, c, 4,
+                                          kNoWeights<A>, c4);
+              add_corner_sums(q, c, c4, sy, sx);
+              if (std::isfinite(sy) && std::isfinite(sx) && !outside_not_finite(gpl, H, W, q, c)) continue;
+              sy = sx = 0;  // inf/nan: the reference's per-pixel differences (below) decide which
+            } else {
+              for (int64_t y = 0; y < H; ++y) {  // input gradient: inverse shift and the ReLU's mask
+                const int64_t r = m.rows[c].source(y);
+                relu_move_row(gxp + (p * H + y) * W, W, r >= 0 ? gpl + r * Wo : nullptr, m.cols[c], zpl + y * W);
+              }
             }
+            x.resize(H * W);
+            for (int64_t k = 0; k < H * W; ++k) x[k] = relu_as<scalar_t>(zpl[k]);
+            shift_grad_plane<S>(gpl, x.data(), H, W, Ho, Wo, q, c, pad, col, sy, sx);
           }
-          x.resize(H * W);
-          for (int64_t k = 0; k < H * W; ++k) x[k] = relu_as<scalar_t>(zpl[k]);
-          shift_grad_plane<S>(gpl, x.data(), H, W, Ho, Wo, q, c, pad, col, sy, sx);
-        }
+          stream_fence<Stream>();
+        });
       });
     });
     add_plane_sums(plane_acc, C, gs_acc.data_ptr<double>());
