@@ -249,9 +249,9 @@ def test_backward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
 
 
 def test_streamed_outputs_start_apart_from_their_inputs(kernels, monkeypatch):
-    """With streaming stores (FEWSHIFTS_STREAM=1) the NCHW bilinear forward's output and the backward's input gradient
-    begin about half a 4 KB page from their inputs' data, mod 4 KB (a streamed store delays later loads at the same
-    address bits 0-11); with ordinary stores they are ordinary new tensors."""
+    """With streaming stores (FEWSHIFTS_STREAM=1) the stride-1 NCHW outputs (bilinear and integer shift, forward and
+    input gradient) begin about half a 4 KB page from their inputs' data, mod 4 KB (a streamed store delays later
+    loads at the same address bits 0-11); with ordinary stores they are ordinary new tensors."""
     g = torch.Generator().manual_seed(10)
     x, grad = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
     real = torch.rand(16, 2, generator=g) * 2 - 1
@@ -265,6 +265,9 @@ def test_streamed_outputs_start_apart_from_their_inputs(kernels, monkeypatch):
     gx = kernels.bilinear_backward(grad, x, real, 1)[0]
     assert gap(out, x) >= 2048 - 64
     assert min(gap(gx, x), gap(gx, grad)) >= 1024 - 64
+    rounded = torch.round(real).long()
+    assert gap(kernels.shift_forward(x, rounded, 1), x) >= 2048 - 64
+    assert gap(kernels.shift_backward(grad, rounded, 1, 8, 8), grad) >= 2048 - 64
     monkeypatch.setenv("FEWSHIFTS_STREAM", "0")
     assert kernels.bilinear_forward(x, real, 1).storage_offset() == 0
     assert kernels.bilinear_backward(grad, x, real, 1)[0].storage_offset() == 0
