@@ -377,8 +377,9 @@ struct Disp {
 // shifts up to 112x112, where they are as fast or faster (the sparse backward 1.4x at 112x112, 2.1x at 16x16; the
 // bilinear backward 1.1x at 112x112, 2.0x at 16x16); the bilinear forward up to 32x32 (1.0-1.7x; slower from
 // 56x56 on, where its four masked loads cost more than the row form's per-row work), and up to 112x112 where it
-// streams its output (stream_blocks; since the ninth session's FlatOut): 0.77-0.86x the row form's time at 56x56 to
-// 160x160 on the Zen 2, one process, 30 alternating calls, against 1.0-1.08x for outputs that stay cached.
+// streams its output (streams_planes; measured with the ninth session's lagged stores): 0.77-0.86x the row
+// form's time at 56x56 to 160x160 on the Zen 2, one process, 30 alternating calls, against 1.0-1.08x for outputs
+// that stay cached.
 // FEWSHIFTS_FLAT_MAX=P overrides both (0: row-based everywhere; the tests use it to cover both forms).
 constexpr int64_t kFlatLargest = 112 * 112, kFlatBilinearForward = 32 * 32;
 
