@@ -1726,21 +1726,14 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   }
 }
 
-// A non-temporal store of a whole vector (p 32-byte aligned), by value: put32's copy through memory made the flat
-// backward keep its sums on the stack (a load and store per vector each, 1.06x slower than ordinary stores).
-inline void stream_vector(float* p, const Vec<float>::V& v) {
+// A non-temporal store of a whole vector of A (float or double; p 32-byte aligned), the flat loops' streamed store.
+template <typename A>
+inline void stream_vector(A* p, const typename Vec<A>::V& v) {
 #ifdef __AVX2__
-  _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
-#else
-  std::memcpy(p, &v, sizeof(v));
+  if constexpr (std::is_same<A, float>::value) return _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+  if constexpr (std::is_same<A, double>::value) return _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
 #endif
-}
-inline void stream_vector(double* p, const Vec<double>::V& v) {
-#ifdef __AVX2__
-  _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
-#else
   std::memcpy(p, &v, sizeof(v));
-#endif
 }
 
 // vload / vstore of a whole vector where len is L, else of its first len lanes
@@ -2922,7 +2915,7 @@ template <bool Stream, bool Full, typename T, typename A>
 inline void flat_put(T* out, int64_t t, int64_t n, const typename Vec<A>::V& v) {
   if constexpr (Stream && Full) {
     static_assert(std::is_same<T, A>::value, "streamed flat output needs T == A");
-    stream_vector(out + t, v);
+    stream_vector<A>(out + t, v);
   } else {
     vstore<Full, A>(out + t, v, Full ? Vec<A>::L : n - t);
   }
