@@ -55,8 +55,8 @@ Tensor new_output(const Tensor& like, int64_t h, int64_t w, bool channels_last) 
 // same element positions. Large tensors' data start at the same offset within a 4 KB page, so out[t] and in[t] share
 // their address bits 0-11, and a load waits for an in-flight streamed store with the same bits (4K aliasing). The
 // output's data therefore start as far as possible (about half a page) from every input's, mod 4 KB, in a storage one
-// page longer. A stand-alone loop of the NCHW backward's pattern, 75 MB, 2 threads: streamed 1.12-1.24x the time of
-// ordinary stores at the inputs' page offset, 0.79-0.86x half a page apart (docs/benchmarks/ops_notes.md).
+// page longer. A stand-alone loop of the NCHW backward's pattern, 75 MB, 2 threads: streamed 1.11-1.24x the time of
+// ordinary stores at the inputs' page offset, 0.78-0.86x half a page apart (docs/benchmarks/ops_notes.md).
 Tensor output_apart(const Tensor& like, int64_t h, int64_t w, std::initializer_list<const void*> inputs) {
   constexpr int64_t kPage = 4096, kStep = 64;
   const int64_t n = like.size(0) * like.size(1) * h * w, es = like.element_size();
@@ -2909,7 +2909,7 @@ inline typename Vec<A>::M mask_at(const int8_t* m) {
 // A store of a flat loop (for_vectors) over a plane of n elements: with Stream (T == A, out 32-byte aligned) whole
 // vectors go out as non-temporal stores, into an output that output_apart placed half a page from the inputs (the
 // ninth to twelfth sessions streamed each vector a fixed number of vectors late instead, through a ring: the NCHW
-// bilinear forward took 1.2-1.5x the time it takes now, and the backward did not stream at all); else ordinary
+// bilinear forward took 1.0-1.5x the time it takes now, and the backward did not stream at all); else ordinary
 // stores, the last vector cut at the plane's end.
 template <bool Stream, bool Full, typename T, typename A>
 inline void flat_put(T* out, int64_t t, int64_t n, const typename Vec<A>::V& v) {
@@ -3099,10 +3099,11 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
           bilinear_nhwc<S, false>(xp, op, N, C, H, W, Ho, Wo, Displacements<A>(q, C));
         return;
       }
-      const auto f = S == 1 ? flat_taps(C, H, W, 4, stream ? kFlatLargest : kFlatBilinearForward, x.nbytes(),
+      const bool streamed = stream && std::is_same<scalar_t, A>::value;  // with_flat_stream
+      const auto f = S == 1 ? flat_taps(C, H, W, 4, streamed ? kFlatLargest : kFlatBilinearForward, x.nbytes(),
                                         [&](int64_t c, int64_t k) { return q.corner(c, k); }) : std::nullopt;
       if (f) {
-        with_flat_stream<scalar_t, A>(stream, [&](auto st) {
+        with_flat_stream<scalar_t, A>(streamed, [&](auto st) {
           constexpr bool Stream = decltype(st)::value;
           parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
             std::vector<scalar_t> scratch;
