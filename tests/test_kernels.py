@@ -223,8 +223,8 @@ def test_bilinear_forward_nchw_whole_vector_planes(kernels, plane_form, stores, 
 def test_backward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
     """NCHW planes of whole 32-byte vectors, where the flat backward kernels can stream the input gradient (into an
     output placed half a page from g and x: output_apart): the fused bilinear backward, the input gradient alone, the
-    quantization-aware backward and its ReLU-fused form, against the reference; the input gradient is an ordinary
-    contiguous NCHW tensor wherever its storage begins."""
+    quantization-aware backward and its ReLU-fused form (and that form's forward), against the reference; the input
+    gradient is an ordinary contiguous NCHW tensor wherever its storage begins."""
     g = torch.Generator().manual_seed(9)
     for h, w in [(2, 8), (8, 12), (32, 32), (6, 112)]:
         real = (torch.rand(40, 2, generator=g) * 2 - 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -242,6 +242,7 @@ def test_backward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
         sgx, sgs = kernels.sparse_backward(grad, x, rounded, real, 1)
         assert torch.equal(sgx, reference.shift_backward(grad, rounded, 1, h, w))
         _assert_shift_grad_close(sgs, ref_gs, grad, x)
+        assert torch.equal(kernels.relu_shift_forward(x, rounded, 1), reference.relu_shift_forward(x, rounded, 1))
         rgx, rgs = kernels.relu_sparse_backward(grad, x, rounded, real, 1)
         ref_rgx, ref_rgs = reference.relu_sparse_backward(grad, x, rounded, real, 1)
         assert torch.equal(rgx, ref_rgx)
@@ -249,9 +250,9 @@ def test_backward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
 
 
 def test_streamed_outputs_start_apart_from_their_inputs(kernels, monkeypatch):
-    """With streaming stores (FEWSHIFTS_STREAM=1) the stride-1 NCHW outputs (bilinear and integer shift, forward and
-    input gradient) begin about half a 4 KB page from their inputs' data, mod 4 KB (a streamed store delays later
-    loads at the same address bits 0-11); with ordinary stores they are ordinary new tensors."""
+    """With streaming stores (FEWSHIFTS_STREAM=1) the stride-1 NCHW outputs (bilinear, integer and ReLU-fused integer
+    shift, forward and input gradient) begin about half a 4 KB page from their inputs' data, mod 4 KB (a streamed
+    store delays later loads at the same address bits 0-11); with ordinary stores they are ordinary new tensors."""
     g = torch.Generator().manual_seed(10)
     x, grad = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
     real = torch.rand(16, 2, generator=g) * 2 - 1
@@ -267,6 +268,7 @@ def test_streamed_outputs_start_apart_from_their_inputs(kernels, monkeypatch):
     assert min(gap(gx, x), gap(gx, grad)) >= 1024 - 64
     rounded = torch.round(real).long()
     assert gap(kernels.shift_forward(x, rounded, 1), x) >= 2048 - 64
+    assert gap(kernels.relu_shift_forward(x, rounded, 1), x) >= 2048 - 64
     assert gap(kernels.shift_backward(grad, rounded, 1, 8, 8), grad) >= 2048 - 64
     monkeypatch.setenv("FEWSHIFTS_STREAM", "0")
     assert kernels.bilinear_forward(x, real, 1).storage_offset() == 0

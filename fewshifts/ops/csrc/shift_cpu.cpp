@@ -2931,7 +2931,7 @@ void with_flat_stream(bool stream, const F& f) {
 }
 
 // out = relu of the integer shift of plane z (one tap per channel), SSL Eq. 5 on relu(z).
-template <typename T, typename A>
+template <bool Stream, typename T, typename A>
 void relu_shift_flat(T* out, const T* z, const FlatTaps& f, int64_t c) {
   const T* src = z + f.off[c];
   const int8_t* m = f.mask[c];
@@ -2940,7 +2940,7 @@ void relu_shift_flat(T* out, const T* z, const FlatTaps& f, int64_t c) {
   for_vectors<Vec<A>::L>(n, [&](int64_t t, auto full) {
     if (pf) prefetch_ahead_of(z + t);
     const typename Vec<A>::V v = vload<true, A>(src + t, Vec<A>::L);
-    flat_put<false, decltype(full)::value, T, A>(out, t, n, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)));
+    flat_put<Stream, decltype(full)::value, T, A>(out, t, n, keep<A>(v, mask_at<A>(m + t) & relu_on<A>(v)));
   });
 }
 
@@ -3295,7 +3295,8 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
   const Tensor z = z_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
   const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
-  Tensor out = new_output(z, Ho, Wo, false);
+  const bool stream = stride == 1 && streams_planes(z, H, W);  // the flat loop's output (flat_put)
+  Tensor out = flat_output(z, Ho, Wo, false, stride, {z.const_data_ptr()});
   if (out.numel() == 0) return out;
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
@@ -3310,10 +3311,15 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
     });
     if (flat) {
       const FlatTaps& f = *flat;
-      parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scratch;
-        for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0)
-          relu_shift_flat<scalar_t, A>(op + p * H * W, flat_plane(zp, p, N * C, H * W, f.reach[c], scratch), f, c);
+      with_flat_stream<scalar_t, A>(stream, [&](auto st) {
+        constexpr bool Stream = decltype(st)::value;
+        parallel(N * C, H * W, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> scratch;
+          for (int64_t p = begin, c = begin % C; p < end; ++p, c = c + 1 < C ? c + 1 : 0)
+            relu_shift_flat<Stream, scalar_t, A>(op + p * H * W, flat_plane(zp, p, N * C, H * W, f.reach[c], scratch),
+                                                 f, c);
+          stream_fence<Stream>();
+        });
       });
       return;
     }
