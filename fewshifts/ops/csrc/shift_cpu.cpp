@@ -222,19 +222,18 @@ bool stream_blocks(const T* dst, int64_t count, int64_t len) {
          stream_output(count * len * static_cast<int64_t>(sizeof(T)));
 }
 
-// Whether the stride-1 NCHW flat loops stream an output of like's type with planes of h x w (stream_blocks): planes
+// Whether the flat loops stream an output of like's type with planes of h x w (stream_blocks): stride-1 NCHW, planes
 // of whole 32-byte vectors, output above the last-level cache (the bilinear loops also need T == A: with_flat_stream).
-// Such outputs come from output_apart.
-inline bool streams_planes(const Tensor& like, int64_t h, int64_t w) {
+inline bool streams_planes(const Tensor& like, int64_t h, int64_t w, bool channels_last, int64_t stride) {
   const int64_t es = like.element_size();
-  return h * w * es % 32 == 0 && stream_output(like.size(0) * like.size(1) * h * w * es);
+  return !channels_last && stride == 1 && h * w * es % 32 == 0 &&
+         stream_output(like.size(0) * like.size(1) * h * w * es);
 }
 
-// A kernel's output (new_output), from output_apart where the stride-1 NCHW flat loops stream it (streams_planes).
-Tensor flat_output(const Tensor& like, int64_t h, int64_t w, bool channels_last, int64_t stride,
+// A kernel's output: from output_apart where its flat loops stream it (stream, from streams_planes), else new_output.
+Tensor flat_output(const Tensor& like, int64_t h, int64_t w, bool channels_last, bool stream,
                    std::initializer_list<const void*> inputs) {
-  return !channels_last && stride == 1 && streams_planes(like, h, w) ? output_apart(like, h, w, inputs)
-                                                                     : new_output(like, h, w, channels_last);
+  return stream ? output_apart(like, h, w, inputs) : new_output(like, h, w, channels_last);
 }
 
 // Software prefetch kPrefetchBytes ahead of a kernel's input streams. The hardware prefetchers stop at 4 KB page
@@ -1185,7 +1184,7 @@ Tensor shift_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride) {
   const bool cl = is_channels_last(x_in);
   const Tensor x = x_in.contiguous(format_of(cl));
   const int64_t H = x.size(2), W = x.size(3), Ho = output_size(H, stride), Wo = output_size(W, stride);
-  Tensor out = flat_output(x, Ho, Wo, cl, stride, {x.const_data_ptr()});
+  Tensor out = flat_output(x, Ho, Wo, cl, streams_planes(x, Ho, Wo, cl, stride), {x.const_data_ptr()});
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
   const Move m = integer_move(s, x.size(0), x.size(1), H, W, Ho, Wo, stride, false);
@@ -1198,7 +1197,7 @@ Tensor shift_backward(const Tensor& g_in, const Tensor& shifts, int64_t stride, 
   const bool cl = is_channels_last(g_in);
   const Tensor g = g_in.contiguous(format_of(cl));
   const int64_t Ho = g.size(2), Wo = g.size(3);
-  Tensor grad_x = flat_output(g, height, width, cl, stride, {g.const_data_ptr()});
+  Tensor grad_x = flat_output(g, height, width, cl, streams_planes(g, height, width, cl, stride), {g.const_data_ptr()});
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
   const Move m = integer_move(s, g.size(0), g.size(1), height, width, Ho, Wo, stride, true);
@@ -3083,8 +3082,8 @@ Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride
   const Tensor x = x_in.contiguous(format_of(cl));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
-  const bool stream = !cl && stride == 1 && streams_planes(x, H, W);  // the flat loops' output (flat_put)
-  Tensor out = flat_output(x, Ho, Wo, cl, stride, {x.const_data_ptr()});
+  const bool stream = streams_planes(x, Ho, Wo, cl, stride);  // the flat loops' output (flat_put)
+  Tensor out = flat_output(x, Ho, Wo, cl, stream, {x.const_data_ptr()});
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bilinear_forward", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -3142,8 +3141,8 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
   const bool want_gx = args.input_shifts.defined(), want_gs = args.shifts.defined();
   const Tensor x = want_gs ? args.x.contiguous(format_of(cl)) : Tensor();
   const int64_t N = g.size(0), C = g.size(1), Ho = g.size(2), Wo = g.size(3), H = args.H, W = args.W;
-  const bool stream = want_gx && !cl && args.stride == 1 && streams_planes(g, H, W);  // the flat loops' gx
-  Tensor gx = want_gx ? flat_output(g, H, W, cl, args.stride, {g.const_data_ptr(), (want_gs ? x : g).const_data_ptr()})
+  const bool stream = want_gx && streams_planes(g, H, W, cl, args.stride);  // the flat loops' gx
+  Tensor gx = want_gx ? flat_output(g, H, W, cl, stream, {g.const_data_ptr(), (want_gs ? x : g).const_data_ptr()})
                       : Tensor();
   Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
   Tensor gs;
@@ -3295,8 +3294,8 @@ Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stri
   const Tensor z = z_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
   const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
-  const bool stream = stride == 1 && streams_planes(z, H, W);  // the flat loop's output (flat_put)
-  Tensor out = flat_output(z, Ho, Wo, false, stride, {z.const_data_ptr()});
+  const bool stream = streams_planes(z, Ho, Wo, false, stride);  // the flat loop's output (flat_put)
+  Tensor out = flat_output(z, Ho, Wo, false, stream, {z.const_data_ptr()});
   if (out.numel() == 0) return out;
   Tensor holder;
   const int64_t* s = int_shifts(shifts, holder);
@@ -3344,8 +3343,8 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
   }
   const Tensor z = z_in.contiguous(), g = g_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), Ho = g.size(2), Wo = g.size(3);
-  const bool stream = stride == 1 && streams_planes(z, H, W);  // the flat loops' gx (flat_put)
-  Tensor gx = flat_output(z, H, W, false, stride, {z.const_data_ptr(), g.const_data_ptr()});
+  const bool stream = streams_planes(z, H, W, false, stride);  // the flat loops' gx (flat_put)
+  Tensor gx = flat_output(z, H, W, false, stream, {z.const_data_ptr(), g.const_data_ptr()});
   Tensor gs_acc = at::zeros({C, 2}, at::kDouble);
   Tensor gs;
   Tensor holder;
