@@ -6,6 +6,7 @@ oracles (depthwise conv, gradcheck, opcheck) live in test_ops.py and run on whic
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 
@@ -39,8 +40,8 @@ def plane_form(request, monkeypatch):
 @pytest.fixture(params=["regular", "stream"])
 def stores(request, monkeypatch):
     """Kernels with ordinary or non-temporal stores (FEWSHIFTS_STREAM: 0 or 1; by default they stream only when the
-    output exceeds the last-level cache, and only where NCHW planes or channels_last pixels are whole 32-byte
-    vectors)."""
+    output exceeds the last-level cache, and only where NCHW planes or channels_last pixels are whole vectors: 32
+    bytes, or 64 where the kernels were built for AVX-512)."""
     monkeypatch.setenv("FEWSHIFTS_STREAM", "0" if request.param == "regular" else "1")
     return request.param
 
@@ -191,8 +192,8 @@ def test_integer_kernels_long_and_short_channel_runs(kernels, stores, stride, ch
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_kernels_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
-    """NCHW planes of 8x8 and 8x12 pixels (whole 32-byte vectors: with streaming stores the flat kernel writes them
-    non-temporally), shifts of up to 2 pixels and beyond the image, forward and inverse shift against the
+    """NCHW planes of 8x8 and 8x12 pixels (whole vectors of 32 or 64 bytes: with streaming stores the flat kernel
+    writes them non-temporally), shifts of up to 2 pixels and beyond the image, forward and inverse shift against the
     reference."""
     g = torch.Generator().manual_seed(5)
     for h, w in [(8, 8), (8, 12)]:
@@ -206,9 +207,9 @@ def test_integer_kernels_nchw_whole_vector_planes(kernels, plane_form, stores, d
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bilinear_forward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
-    """NCHW planes of whole 32-byte vectors, where the flat bilinear forward can stream its stores (into an output
-    placed half a page from the input, output_apart): planes of two float vectors (2x8), shifts within a pixel, up to
-    3 rows (3 rows of 112 floats) and beyond the image, against the reference."""
+    """NCHW planes of whole vectors (32 or 64 bytes), where the flat bilinear forward can stream its stores (into an
+    output placed half a page from the input, output_apart): planes of 16 floats (2x8), shifts within a pixel, up to 3
+    rows (3 rows of 112 floats) and beyond the image, against the reference."""
     g = torch.Generator().manual_seed(6)
     for h, w in [(2, 8), (8, 12), (32, 32), (6, 112)]:
         shifts = (torch.rand(40, 2, generator=g) * 2 - 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -221,10 +222,10 @@ def test_bilinear_forward_nchw_whole_vector_planes(kernels, plane_form, stores, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_nchw_whole_vector_planes(kernels, plane_form, stores, dtype):
-    """NCHW planes of whole 32-byte vectors, where the flat backward kernels can stream the input gradient (into an
-    output placed half a page from g and x: output_apart): the fused bilinear backward, the input gradient alone, the
-    quantization-aware backward and its ReLU-fused form (and that form's forward), against the reference; the input
-    gradient is an ordinary contiguous NCHW tensor wherever its storage begins."""
+    """NCHW planes of whole vectors (32 or 64 bytes), where the flat backward kernels can stream the input gradient
+    (into an output placed half a page from g and x: output_apart): the fused bilinear backward, the input gradient
+    alone, the quantization-aware backward and its ReLU-fused form (and that form's forward), against the reference;
+    the input gradient is an ordinary contiguous NCHW tensor wherever its storage begins."""
     g = torch.Generator().manual_seed(9)
     for h, w in [(2, 8), (8, 12), (32, 32), (6, 112)]:
         real = (torch.rand(40, 2, generator=g) * 2 - 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -295,11 +296,11 @@ def test_integer_kernels_whole_line_runs(kernels, stores, dtype, stride):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_kernels_per_channel_shifts(kernels, stores, dtype, stride):
     """channels_last with its own shift in [-1, 1]^2 for each channel (rounded learned shifts: moved channel by
-    channel), 48 channels (pixels of whole vectors, so the stores can stream); interior and border pixels against
-    the reference."""
+    channel), 64 channels (pixels of whole 32- or 64-byte vectors, so the stores can stream); interior and border
+    pixels against the reference."""
     g = torch.Generator().manual_seed(3)
-    shifts = torch.randint(-1, 2, (48, 2), generator=g)
-    x = torch.randn(2, 48, 6, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    shifts = torch.randint(-1, 2, (64, 2), generator=g)
+    x = torch.randn(2, 64, 6, 7, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     out = kernels.shift_forward(x, shifts, stride)
     assert torch.equal(out, reference.shift_forward(x, shifts, stride))
     grad = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -307,19 +308,24 @@ def test_integer_kernels_per_channel_shifts(kernels, stores, dtype, stride):
     assert torch.equal(kernels.shift_backward(grad, shifts, stride, 6, 7), ref)
 
 
+@pytest.mark.parametrize("reach", [2, 3])
 @pytest.mark.parametrize("tail", [3, 0])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_integer_vector_kernel_mixed_displacement_counts(kernels, stores, dtype, stride, tail):
-    """channels_last integer kernel on whole vectors (16 bf16 / 8 float / 4 double lanes): mostly runs of one
-    displacement, plus vectors with 2, 3 and as many displacements as lanes (more than 8 for bf16), and a last vector
-    with 3 (short: `tail` channels; else whole, so that pixels are whole vectors and the stores can stream); every
-    vector class and the checked border columns, against the reference."""
-    lanes = {torch.bfloat16: 16, torch.float32: 8, torch.float64: 4}[dtype]
+def test_integer_vector_kernel_mixed_displacement_counts(kernels, stores, dtype, stride, tail, reach):
+    """channels_last integer kernel on whole vectors (16 bf16 / 8 float / 4 double lanes, twice as many where the
+    kernels were built for AVX-512): mostly runs of one displacement, plus vectors with 2, 3 and as many displacements
+    as lanes (more than 8 for bf16), and a last vector with 3 (short: `tail` channels; else whole, so that pixels are
+    whole vectors and the stores can stream); every vector class and the checked border columns, against the
+    reference. Displacements up to `reach` pixels: within 5 rows and columns for 2 (the selection kernel,
+    move_nhwc_pick, with its 5-row window), over 7 columns for 3 (the vector kernel, move_nhwc_vec)."""
+    lanes = kernels.vector_bytes() // dtype.itemsize
     C = 40 * 16 + tail
     shifts = torch.tensor([1, -1]).repeat(C, 1)
-    grid = torch.tensor([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (1, -1)])
-    shifts[:lanes] = grid[:lanes]  # vector 0: one displacement per lane
+    span = range(-reach, reach + 1)
+    grid = torch.tensor([(dy, dx) for dy in span for dx in span if (dy, dx) != (1, -1)])
+    n = min(lanes, len(grid))
+    shifts[:n] = grid[:n]  # vector 0: one displacement per lane (24 for bf16 with AVX-512 at reach 2)
     shifts[lanes : lanes + 3] = grid[:3]  # vector 1: 3 (with the run's)
     shifts[2 * lanes + 1] = torch.tensor([0, 0])  # vector 2: 2
     shifts[C - 3 :] = grid[4:7]  # short last vector: 3
@@ -336,9 +342,9 @@ def test_integer_vector_kernel_mixed_displacement_counts(kernels, stores, dtype,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels", [5, 8, 13, 40])
 def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, stride, reach):
-    """channels_last bilinear kernels on whole channel vectors (8 float / 4 double lanes, a partial last vector):
-    shifts within a few pixels, whose corner displacements the vector kernels list per vector (larger spreads
-    take the per-block kernels, covered by the random cases above)."""
+    """channels_last bilinear kernels on whole channel vectors (8 float / 4 double lanes, 16 / 8 with AVX-512, a
+    partial last vector): shifts within a few pixels, whose corner displacements the vector kernels list per vector
+    (larger spreads take the per-block kernels, covered by the random cases above)."""
     g = torch.Generator().manual_seed(channels)
     N, H, W = (1, 37, 13) if channels == 40 else (3, 11, 13)  # one image split into blocks of rows, or three whole
     x = torch.randn(N, channels, H, W, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -885,3 +891,19 @@ def test_bad_backend_value_raises(monkeypatch):
     monkeypatch.setenv("FEWSHIFTS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FEWSHIFTS_BACKEND"):
         fs.shift2d(torch.randn(1, 9, 4, 4), fs.grouped_shifts(9))
+
+
+def test_vector_width_follows_the_cpu(kernels, monkeypatch):
+    """The kernels' vectors are 64 bytes where they were compiled for an AVX-512 CPU (-march=native), else 32;
+    FEWSHIFTS_VECTOR_BYTES picks 32 or 64 for the build, and any other value is refused with the variable named."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = os.environ.get("FEWSHIFTS_NATIVE", "1") == "1"
+    default = 64 if native and " avx512f" in cpuinfo else 32
+    assert kernels.vector_bytes() == int(os.environ.get("FEWSHIFTS_VECTOR_BYTES", default))
+    monkeypatch.setenv("FEWSHIFTS_VECTOR_BYTES", "32")
+    assert "-DFEWSHIFTS_VECTOR_BYTES=32" in cpp.compile_flags()
+    monkeypatch.setenv("FEWSHIFTS_VECTOR_BYTES", "16")
+    with pytest.raises(ValueError, match="FEWSHIFTS_VECTOR_BYTES should be 32 or 64"):
+        cpp.compile_flags()

@@ -46,7 +46,14 @@ def source_text() -> bytes:
 
 def compile_flags() -> list[str]:
     # JIT-built on the machine that runs it, so tuning for the host CPU is safe (FEWSHIFTS_NATIVE=0 disables).
-    return ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("FEWSHIFTS_NATIVE", "1") == "1" else [])
+    # FEWSHIFTS_VECTOR_BYTES=32 keeps AVX2-width vectors on an AVX-512 CPU (default: 64 there, 32 elsewhere).
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if os.environ.get("FEWSHIFTS_NATIVE", "1") == "1" else [])
+    width = os.environ.get("FEWSHIFTS_VECTOR_BYTES")
+    if width is not None:
+        if width not in ("32", "64"):
+            raise ValueError(f"FEWSHIFTS_VECTOR_BYTES should be 32 or 64, got {width!r}")
+        flags.append(f"-DFEWSHIFTS_VECTOR_BYTES={width}")
+    return flags
 
 
 def _build() -> ModuleType:

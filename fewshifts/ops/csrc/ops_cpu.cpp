@@ -232,6 +232,7 @@ std::unique_ptr<OpRegistration> register_ops(py::object body) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fewshifts;
   m.doc() = "fewshifts C++ CPU shift kernels (same functions as fewshifts.ops.reference)";
+  m.def("vector_bytes", &vector_bytes, "Width of the kernels' vectors in bytes (32: AVX2, 64: AVX-512)");
   m.def("shift_forward", &shift_forward, "Integer shift (SSL Eq. 1/5)");
   m.def("shift_backward", &shift_backward, "Adjoint of the integer shift (SSL Eq. 7)");
   m.def("shift_inplace", &shift_inplace, "In-place stride-1 integer shift of the channels with nonzero shift");

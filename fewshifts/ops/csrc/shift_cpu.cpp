@@ -10,7 +10,7 @@
 // row (memcpy / vectorisable loops over padded rows); channels_last kernels work pixel by pixel, over runs of
 // channels that share a displacement or channel by channel (integer), or over per-block lists of the corner
 // displacements in use (bilinear). All are parallel over planes or rows (at::parallel_for). Integer kernels whose
-// output exceeds the last-level cache write it with non-temporal stores (stream_output).
+// output exceeds the last-level cache (at most 16 MiB of it) write it with non-temporal stores (stream_output).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -35,8 +35,32 @@
 
 #include "shift_cpu.h"
 
+// The width of the kernels' vectors (GCC vector types): 64 bytes (16 floats) where the compiler targets AVX-512,
+// else 32 (8 floats, AVX2). -DFEWSHIFTS_VECTOR_BYTES=32 selects 32 on an AVX-512 CPU (FEWSHIFTS_VECTOR_BYTES=32 in
+// the environment of the build: fewshifts/ops/cpp.py). On the Zen 5 of the fourteenth session, 64-byte vectors
+// halved the instructions of the compute-bound bilinear kernels (docs/benchmarks/ops_notes.md).
+#ifndef FEWSHIFTS_VECTOR_BYTES
+#ifdef __AVX512F__
+#define FEWSHIFTS_VECTOR_BYTES 64
+#else
+#define FEWSHIFTS_VECTOR_BYTES 32
+#endif
+#endif
+#if FEWSHIFTS_VECTOR_BYTES == 64 && !defined(__AVX512F__)
+#error "FEWSHIFTS_VECTOR_BYTES=64 needs AVX-512 (-mavx512f)"
+#endif
+#if FEWSHIFTS_VECTOR_BYTES != 32 && FEWSHIFTS_VECTOR_BYTES != 64
+#error "FEWSHIFTS_VECTOR_BYTES should be 32 or 64"
+#endif
+
 namespace fewshifts {
+
+int64_t vector_bytes() { return FEWSHIFTS_VECTOR_BYTES; }
+
 namespace {
+
+constexpr int64_t kVecBytes = FEWSHIFTS_VECTOR_BYTES;
+constexpr int64_t kVectorsPerLine = 64 / kVecBytes;  // of a 64-byte cache line
 
 using at::Tensor;
 
@@ -152,20 +176,39 @@ void copy_long_n(T* dst, const T* src, int64_t n) {
   copy_long(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
 }
 
-// A 32-byte store; with Stream a non-temporal one (d 32-byte aligned), which writes the line without first reading
-// it into the caches. For outputs too large to stay cached: a memory-bound kernel then moves 2 bytes per byte of
-// output instead of 3 (read source, read for ownership, write back). Needs a store fence before the data is used
-// (stream_fence, at the end of each parallel work item).
-template <bool Stream>
-inline void put32(char* d, const void* v) {
+// A store of B bytes (32, or 64 with AVX-512); with Stream a non-temporal one (d B-byte aligned), which writes the
+// line without first reading it into the caches. For outputs too large to stay cached: a memory-bound kernel then
+// moves 2 bytes per byte of output instead of 3 (read source, read for ownership, write back). Needs a store fence
+// before the data is used (stream_fence, at the end of each parallel work item). put_vec stores one of the kernels'
+// vectors (kVecBytes bytes).
+template <int64_t B, bool Stream>
+inline void put(char* d, const void* v) {
+  static_assert(B == 32 || B == 64, "put: 32 or 64 bytes");
 #ifdef __AVX2__
-  if constexpr (Stream) {
+  if constexpr (Stream && B == 32) {
     __m256i w;
     std::memcpy(&w, v, 32);
     return _mm256_stream_si256(reinterpret_cast<__m256i*>(d), w);
   }
 #endif
-  std::memcpy(d, v, 32);
+#ifdef __AVX512F__
+  if constexpr (Stream && B == 64) {
+    __m512i w;
+    std::memcpy(&w, v, 64);
+    return _mm512_stream_si512(reinterpret_cast<__m512i*>(d), w);
+  }
+#endif
+  std::memcpy(d, v, B);
+}
+
+template <bool Stream>
+inline void put32(char* d, const void* v) {
+  put<32, Stream>(d, v);
+}
+
+template <bool Stream>
+inline void put_vec(char* d, const void* v) {
+  put<kVecBytes, Stream>(d, v);
 }
 
 template <bool Stream>
@@ -200,33 +243,40 @@ inline int64_t last_level_cache_bytes() {
   return best > 0 ? best : int64_t{16} << 20;
 }
 
-// Whether `bytes` exceeds the last-level cache, unless the environment variable `name` says 0 or 1 (never / always).
-inline bool above_llc(int64_t bytes, const char* name) {
-  static const int64_t llc = last_level_cache_bytes();
+// The data size above which a kernel's input is taken to come from memory and its output to go there: the last-level
+// cache, at most 16 MiB. The L3 is shared with the other cores of its complex (and, on a cloud host, with other
+// machines' processes): on the 32 MiB Zen 5 of the fourteenth session, outputs of 18.9 and 28.9 MB ran 0.68-0.91x
+// the time streamed against ordinary stores and their inputs 0.78-0.92x with prefetch (most kernels; a 12.6 MB one
+// was neutral either way), while on the 16 MiB Zen 2 a 12.6 MB output ran faster with ordinary stores (below).
+constexpr int64_t kCacheBudgetCap = int64_t{16} << 20;
+
+// Whether `bytes` exceeds that budget, unless the environment variable `name` says 0 or 1 (never / always).
+inline bool above_cache_budget(int64_t bytes, const char* name) {
+  static const int64_t budget = std::min(last_level_cache_bytes(), kCacheBudgetCap);
   const char* e = std::getenv(name);
   if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return bytes > llc;
+  return bytes > budget;
 }
 
-// Whether a kernel writing `bytes` of output should stream its stores: when the output alone exceeds the last-level
-// cache, so it would not stay cached for its consumer anyway. (With input and output together above it, a 12.6 MB
+// Whether a kernel writing `bytes` of output should stream its stores: when the output alone exceeds the cache
+// budget (above_cache_budget), so it would not stay cached for its consumer anyway. (With input and output together above it, a 12.6 MB
 // NCHW shift on the 16 MiB L3 ran 0.92x `x.clone()` streamed against 0.66x with ordinary stores: its input stayed
 // cached between calls.) FEWSHIFTS_STREAM=0 / =1 overrides (never / always; the tests cover both).
-inline bool stream_output(int64_t bytes) { return above_llc(bytes, "FEWSHIFTS_STREAM"); }
+inline bool stream_output(int64_t bytes) { return above_cache_budget(bytes, "FEWSHIFTS_STREAM"); }
 
 // stream_output for `count` blocks of `len` elements at dst (NCHW planes, or channels_last pixels) written as whole
-// 32-byte vectors: every block must start on a 32-byte boundary.
+// vectors of the kernels (kVecBytes): every block must start on a vector boundary.
 template <typename T>
 bool stream_blocks(const T* dst, int64_t count, int64_t len) {
-  return (reinterpret_cast<uintptr_t>(dst) | (len * sizeof(T))) % 32 == 0 &&
+  return (reinterpret_cast<uintptr_t>(dst) | (len * sizeof(T))) % kVecBytes == 0 &&
          stream_output(count * len * static_cast<int64_t>(sizeof(T)));
 }
 
 // Whether the flat loops stream an output of like's type with planes of h x w (stream_blocks): stride-1 NCHW, planes
-// of whole 32-byte vectors, output above the last-level cache (the bilinear loops also need T == A: with_flat_stream).
+// of whole vectors, output above the cache budget (the bilinear loops also need T == A: with_flat_stream).
 inline bool streams_planes(const Tensor& like, int64_t h, int64_t w, bool channels_last, int64_t stride) {
   const int64_t es = like.element_size();
-  return !channels_last && stride == 1 && h * w * es % 32 == 0 &&
+  return !channels_last && stride == 1 && h * w * es % kVecBytes == 0 &&
          stream_output(like.size(0) * like.size(1) * h * w * es);
 }
 
@@ -248,11 +298,11 @@ inline void prefetch_ahead_of(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
 }
 
-// Whether a kernel prefetches an input of `bytes`: where it exceeds the last-level cache and so comes from memory
+// Whether a kernel prefetches an input of `bytes`: where it exceeds the cache budget and so comes from memory
 // (for an input that stays cached, 32x96x32x32, prefetching gained or lost a few percent by kernel: on / off 1.03
 // for the channels_last separable forward, 1.01-1.05 for the NCHW integer shift, 0.94-0.99 for the NCHW bilinear).
 // FEWSHIFTS_PREFETCH=0 / =1 overrides (never / always).
-inline bool prefetch_input(int64_t bytes) { return above_llc(bytes, "FEWSHIFTS_PREFETCH"); }
+inline bool prefetch_input(int64_t bytes) { return above_cache_budget(bytes, "FEWSHIFTS_PREFETCH"); }
 
 // How far ahead (elements: whole pixels of C elements, at least kPrefetchBytes) the channels_last row kernels
 // prefetch their newest source row, for a source of `bytes`; 0: no prefetch (prefetch_input).
@@ -347,15 +397,15 @@ template <typename U>
 struct UVec;
 template <>
 struct UVec<uint16_t> {
-  typedef uint16_t V __attribute__((vector_size(32)));
+  typedef uint16_t V __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct UVec<uint32_t> {
-  typedef uint32_t V __attribute__((vector_size(32)));
+  typedef uint32_t V __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct UVec<uint64_t> {
-  typedef uint64_t V __attribute__((vector_size(32)));
+  typedef uint64_t V __attribute__((vector_size(kVecBytes)));
 };
 
 struct Disp {
@@ -390,7 +440,7 @@ inline bool use_flat(int64_t pixels, int64_t largest) {
 }
 
 struct FlatTaps {
-  static constexpr int64_t kPad = 32;             // mask bytes past the plane (a whole vector of any lane type)
+  static constexpr int64_t kPad = kVecBytes / 2;  // mask bytes past the plane (a whole vector of any lane type)
   int64_t n = 0, taps = 0;                        // pixels per plane, taps per channel
   std::vector<std::vector<int8_t>> masks;         // one per distinct displacement: -1 inside, 0 outside
   std::vector<int64_t> off;                       // [c * taps + k]: flat offset of channel c's tap k
@@ -451,10 +501,20 @@ std::optional<FlatTaps> flat_taps(int64_t C, int64_t H, int64_t W, int64_t taps,
   return std::optional<FlatTaps>(std::move(f));
 }
 
-// Bytes m[0, L) widened to a lane mask of the 32-byte vector of U lanes (all ones where the byte is -1).
+// Bytes m[0, L) widened to a lane mask of the vector of U lanes (all ones where the byte is -1).
 template <typename U>
 inline typename UVec<U>::V lane_mask(const int8_t* m) {
-#ifdef __AVX2__  // one sign-extending load (GCC lowers the generic conversion below to scalar code)
+#if FEWSHIFTS_VECTOR_BYTES == 64  // one sign-extending load, as below
+  __m512i w;
+  if constexpr (sizeof(U) == 2) {
+    w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m)));
+  } else if constexpr (sizeof(U) == 4) {
+    w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
+  } else {
+    w = _mm512_cvtepi8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  }
+  return reinterpret_cast<typename UVec<U>::V>(w);
+#elif defined(__AVX2__)  // one sign-extending load (GCC lowers the generic conversion below to scalar code)
   __m256i w;
   if constexpr (sizeof(U) == 2) {
     w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
@@ -467,21 +527,21 @@ inline typename UVec<U>::V lane_mask(const int8_t* m) {
   }
   return reinterpret_cast<typename UVec<U>::V>(w);
 #else
-  typedef int8_t B __attribute__((vector_size(32 / sizeof(U))));
+  typedef int8_t B __attribute__((vector_size(kVecBytes / sizeof(U))));
   typedef std::make_signed_t<U> S;
-  typedef S W __attribute__((vector_size(32)));
+  typedef S W __attribute__((vector_size(kVecBytes)));
   B b;
   std::memcpy(&b, m, sizeof(b));
   return reinterpret_cast<typename UVec<U>::V>(__builtin_convertvector(b, W));
 #endif
 }
 
-// Source planes for the flat loops, which read whole 32-byte vectors (up to `pad` elements past the plane's end):
-// plane p itself, or (when its reads could leave the tensor) a copy in the middle of a zero-padded scratch of 3
-// planes (every offset is below one plane).
+// Source planes for the flat loops, which read whole vectors (up to `pad` elements past the plane's end): plane p
+// itself, or (when its reads could leave the tensor) a copy in the middle of a zero-padded scratch of 3 planes (every
+// offset is below one plane).
 template <typename T>
 const T* flat_plane(const T* base, int64_t p, int64_t planes, int64_t n, int64_t reach, std::vector<T>& scratch) {
-  constexpr int64_t pad = 32 / sizeof(T);
+  constexpr int64_t pad = kVecBytes / sizeof(T);
   const T* plane = base + p * n;
   if (p * n - reach >= 0 && (p + 1) * n + reach + pad <= planes * n) return plane;
   scratch.assign(3 * n + pad, T(0));
@@ -527,11 +587,11 @@ void move_plane(const T* src, T* dst, const Move& m, int64_t c) {
 }
 
 // Stride-1 integer shift of one plane as a flat masked copy (the bits move exactly; zero outside the mask); with
-// Stream, whole vectors go out as non-temporal stores (out 32-byte aligned).
+// Stream, whole vectors go out as non-temporal stores (out vector-aligned).
 template <bool Stream, typename U>
 void move_flat(U* out, const U* src, const FlatTaps& f, int64_t c) {
   using V = typename UVec<U>::V;
-  constexpr int64_t L = 32 / sizeof(U);
+  constexpr int64_t L = kVecBytes / sizeof(U);
   const U* s = src + f.off[c];
   const int8_t* m = f.mask[c];
   const int64_t n = f.n;
@@ -542,7 +602,7 @@ void move_flat(U* out, const U* src, const FlatTaps& f, int64_t c) {
     std::memcpy(&v, s + t, sizeof(v));
     v &= lane_mask<U>(m + t);
     if constexpr (decltype(full)::value) {
-      put32<Stream>(reinterpret_cast<char*>(out + t), &v);
+      put_vec<Stream>(reinterpret_cast<char*>(out + t), &v);
     } else {
       copy_bytes(reinterpret_cast<char*>(out + t), reinterpret_cast<const char*>(&v), (n - t) * sizeof(U));
     }
@@ -680,7 +740,7 @@ void move_nhwc(const T* src, T* dst, const Move& m) {
   });
 }
 
-// channels_last integer movement on whole 32-byte vectors of channels, for movements whose axis maps are affine,
+// channels_last integer movement on whole vectors of channels, for movements whose axis maps are affine,
 // o -> o*S + d (the forward movement, any stride, and the stride-1 adjoint), with at most two displacements per
 // vector on average (grouped shifts). Per vector the distinct displacements (dy, dx) of its lanes are listed once
 // with a lane mask; an output vector is the OR over them of (source pixel at d) AND mask, so the bits are moved
@@ -701,15 +761,15 @@ inline void blend_vectors(const U* const* ptr, const VU* mask, const int64_t* c0
       std::memcpy(&a, ptr[t] + jo, sizeof(a));
       acc |= a & mask[t];
     }
-    put32<Stream>(reinterpret_cast<char*>(o + c0[v]), &acc);
+    put_vec<Stream>(reinterpret_cast<char*>(o + c0[v]), &acc);
   }
 }
 
-// Stream: non-temporal stores for the interior pixels (put32; dst and the pixel stride 32-byte aligned).
+// Stream: non-temporal stores for the interior pixels (put_vec; dst and the pixel stride vector-aligned).
 template <bool Stream, typename U>
 bool move_nhwc_vec_as(const U* src, U* dst, const Move& m) {
   using VU = typename UVec<U>::V;
-  constexpr int64_t L = 32 / sizeof(U);
+  constexpr int64_t L = kVecBytes / sizeof(U);
   const int64_t C = m.C, S = m.rows[0].sstep;
   for (int64_t c = 0; c < C; ++c) {
     const Seg &r = m.rows[c], &k = m.cols[c];
@@ -1040,7 +1100,7 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
 template <typename U>
 inline typename UVec<U>::V pick_bits(const typename UVec<U>::V& m, const typename UVec<U>::V& p,
                                      const typename UVec<U>::V& q) {  // q where m is all ones, else p
-#ifdef __AVX2__
+#if FEWSHIFTS_VECTOR_BYTES == 32 && defined(__AVX2__)
   return reinterpret_cast<typename UVec<U>::V>(_mm256_blendv_epi8(reinterpret_cast<__m256i>(p),
                                                                   reinterpret_cast<__m256i>(q),
                                                                   reinterpret_cast<__m256i>(m)));
@@ -1052,7 +1112,7 @@ inline typename UVec<U>::V pick_bits(const typename UVec<U>::V& m, const typenam
 template <int R, typename U>
 struct PickPlan {
   using VU = typename UVec<U>::V;
-  static constexpr int L = 32 / sizeof(U);
+  static constexpr int L = kVecBytes / sizeof(U);
   int64_t C, S, full, r0, k0;
   std::vector<int64_t> dy, dx;
   std::vector<VU> mask;  // [vector][2 ]: all ones where dy - r0 >= t (t = 1 .. R-1), then dx - k0 >= u
@@ -1089,7 +1149,7 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
   auto output = [&](const VU* k, const VU* w, int64_t j, int64_t v, int64_t) {  // each lane's own column
     VU o = w[0];
     for (int u = 1; u < R; ++u) o = pick_bits<U>(k[R - 2 + u], o, w[u]);
-    put32<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &o);
+    put_vec<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &o);
   };
   ring_row<S, R, 1, K, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ahead, ring, column, output);
 }
@@ -1098,7 +1158,7 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
 template <typename U>
 bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
   const int64_t C = m.C, S = C > 0 ? m.rows[0].sstep : 1;
-  if (C == 0 || (S != 1 && S != 2) || reinterpret_cast<uintptr_t>(dst) % 32 != 0) return false;
+  if (C == 0 || (S != 1 && S != 2) || reinterpret_cast<uintptr_t>(dst) % kVecBytes != 0) return false;
   std::vector<int64_t> dy(C), dx(C);
   for (int64_t c = 0; c < C; ++c) {
     const Seg &r = m.rows[c], &k = m.cols[c];
@@ -1656,7 +1716,8 @@ void bilinear_nhwc(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// channels_last bilinear kernels on whole channel vectors (32 bytes: 8 float or 4 double lanes, GCC vector types).
+// channels_last bilinear kernels on whole channel vectors (kVecBytes: 8 float or 4 double lanes with AVX2, 16 or 8
+// with AVX-512; GCC vector types).
 // For each vector of channels the distinct corner displacements of its lanes are listed once (VecPlan); a pixel
 // then costs one unmasked, contiguous multiply-add per listed displacement, for all lanes at once (lanes that do
 // not use a displacement have weight 0 there, or their sum is never read).
@@ -1665,17 +1726,17 @@ template <typename A>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float V __attribute__((vector_size(32)));
+  typedef float V __attribute__((vector_size(kVecBytes)));
   typedef uint32_t U;
-  typedef U M __attribute__((vector_size(32)));
-  static constexpr int L = 8;
+  typedef U M __attribute__((vector_size(kVecBytes)));
+  static constexpr int L = kVecBytes / 4;
 };
 template <>
 struct Vec<double> {
-  typedef double V __attribute__((vector_size(32)));
+  typedef double V __attribute__((vector_size(kVecBytes)));
   typedef uint64_t U;
-  typedef U M __attribute__((vector_size(32)));
-  static constexpr int L = 4;
+  typedef U M __attribute__((vector_size(kVecBytes)));
+  static constexpr int L = kVecBytes / 8;
 };
 
 // Lanes [0, len) of a channel vector converted to A (len == L when Full); missing lanes read 0.
@@ -1685,8 +1746,8 @@ inline typename Vec<A>::V vload(const T* p, int64_t len) {
   if constexpr (Full && std::is_same<A, T>::value) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (Full && std::is_same<T, c10::BFloat16>::value && std::is_same<A, float>::value) {
-    typedef uint16_t H __attribute__((vector_size(16)));
-    typedef uint32_t U __attribute__((vector_size(32)));
+    typedef uint16_t H __attribute__((vector_size(kVecBytes / 2)));
+    typedef uint32_t U __attribute__((vector_size(kVecBytes)));
     H h;
     std::memcpy(&h, p, sizeof(h));
     const U u = __builtin_convertvector(h, U) << 16;  // bfloat16 is the top half of a float
@@ -1704,17 +1765,19 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   if constexpr (Full && std::is_same<A, T>::value) {
     std::memcpy(p, &v, sizeof(v));
   } else if constexpr (Full && std::is_same<T, c10::BFloat16>::value && std::is_same<A, float>::value) {
-    // c10's float -> bfloat16 rounding (to nearest even; NaN -> 0x7FC0) on 8 lanes at once
-    typedef uint32_t U __attribute__((vector_size(32)));
+    // c10's float -> bfloat16 rounding (to nearest even; NaN -> 0x7FC0) on all lanes at once
+    typedef uint32_t U __attribute__((vector_size(kVecBytes)));
     U u;
     std::memcpy(&u, &v, sizeof(u));
     const U nan = reinterpret_cast<U>(v != v);
     u = (((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & ~nan) | ((U{} + 0x7FC0) & nan);
-#ifdef __AVX2__  // values fit 16 bits: unsigned saturation packs them exactly (the generic conversion is scalar)
+#if FEWSHIFTS_VECTOR_BYTES == 64  // values fit 16 bits: truncation keeps them (one vpmovdw)
+    const __m256i h = _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(u));
+#elif defined(__AVX2__)  // values fit 16 bits: unsigned saturation packs them exactly (the generic conversion is scalar)
     const __m256i w = reinterpret_cast<__m256i>(u);
     const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 #else
-    typedef uint16_t H __attribute__((vector_size(16)));
+    typedef uint16_t H __attribute__((vector_size(kVecBytes / 2)));
     const H h = __builtin_convertvector(u, H);
 #endif
     std::memcpy(p, &h, sizeof(h));
@@ -1725,14 +1788,10 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
   }
 }
 
-// A non-temporal store of a whole vector of A (float or double; p 32-byte aligned), the flat loops' streamed store.
+// A non-temporal store of a whole vector of A (float or double; p vector-aligned), the flat loops' streamed store.
 template <typename A>
 inline void stream_vector(A* p, const typename Vec<A>::V& v) {
-#ifdef __AVX2__
-  if constexpr (std::is_same<A, float>::value) return _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
-  if constexpr (std::is_same<A, double>::value) return _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
-#endif
-  std::memcpy(p, &v, sizeof(v));
+  put_vec<true>(reinterpret_cast<char*>(p), &v);
 }
 
 // vload / vstore of a whole vector where len is L, else of its first len lanes
@@ -1759,9 +1818,10 @@ struct FiniteCheck {
     bits |= b;
   }
   bool finite() const {
-    uint64_t w[4];
+    uint64_t w[kVecBytes / 8], any = 0;
     std::memcpy(w, &bits, sizeof(w));
-    return (w[0] | w[1] | w[2] | w[3]) == 0;
+    for (uint64_t b : w) any |= b;
+    return any == 0;
   }
 };
 
@@ -1853,7 +1913,7 @@ inline void grad_run_n(int64_t nx, const T* g, const T* x, int64_t C, int64_t j0
 }
 
 // Whole rows (all C channels) of one NHWC image, packed as A values into a ring of slots, columns [x0, x0 + pw) with
-// zeros outside the image, in tiles of TL channels (4 vectors, 128 bytes): slot [tile][column][TL lanes], padding
+// zeros outside the image, in tiles of TL channels (128 bytes: 4 vectors, 2 with AVX-512): slot [tile][column][TL lanes], padding
 // lanes zero. The vector kernels go through a row tile by tile, so what they read of the packed rows stays in L1
 // (the image itself, with pixel stride C, maps a row's pixels onto a few L1 sets and would evict them). Rows are
 // packed on first use (contiguous reads of the image) and reused by the next output rows; no bounds checks.
@@ -1931,16 +1991,22 @@ void disp_bounds(const std::vector<VecPlan<A>>& plans, int64_t& dy0, int64_t& dy
 
 // s[0, L) += the lanes of v, in double (whole-vector conversions: no store-to-load forwarding stalls)
 inline void add_to_double(double* s, const Vec<float>::V& v) {
-  typedef float F4 __attribute__((vector_size(16)));
-  typedef double D4 __attribute__((vector_size(32)));
-  const F4 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  D4 a, b;
+  typedef float F __attribute__((vector_size(kVecBytes / 2)));
+  typedef double D __attribute__((vector_size(kVecBytes)));
+#if FEWSHIFTS_VECTOR_BYTES == 64
+  const F lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const F hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const F lo = __builtin_shufflevector(v, v, 0, 1, 2, 3), hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#endif
+  constexpr int half = Vec<float>::L / 2;
+  D a, b;
   std::memcpy(&a, s, sizeof(a));
-  std::memcpy(&b, s + 4, sizeof(b));
-  a += __builtin_convertvector(lo, D4);
-  b += __builtin_convertvector(hi, D4);
+  std::memcpy(&b, s + half, sizeof(b));
+  a += __builtin_convertvector(lo, D);
+  b += __builtin_convertvector(hi, D);
   std::memcpy(s, &a, sizeof(a));
-  std::memcpy(s + 4, &b, sizeof(b));
+  std::memcpy(s + half, &b, sizeof(b));
 }
 
 inline void add_to_double(double* s, const Vec<double>::V& v) {
@@ -2023,7 +2089,7 @@ bool outside_not_finite(const T* g, int64_t H, int64_t W, const Bilinear<A>& q, 
 
 // The channels of channels_last g (H x W pixels of C per image, stride 1) with a g that is not finite in their
 // OutsideBand. row(grow, i) tests row i of one image (grow: its first pixel) where the channels' union band covers
-// it, all channels of a pixel at a time (a vector test per 8 or 4 channels); backward_nhwc_fused calls it for each row
+// it, all channels of a pixel at a time (a vector test per vector of channels); backward_nhwc_fused calls it for each row
 // after the row's pass, which has just read it. Safe to call from several threads.
 template <typename A>
 struct OutsideScan {
@@ -2331,7 +2397,7 @@ struct CornerPicks {
   Window<A> win;
   // [vector][K]: a, b, then bits: the top bit shifted right by t - 1 is set where the lane's lower corner row (of
   // sign * (fy + oy), oy in {0, 1}) is at least r0 + t, by R - 3 + t where its lower corner column is at least k0 + t
-  // (t = 1 .. R-2). Three vectors per 8 channels: the kernels' per-channel data stays small.
+  // (t = 1 .. R-2). Three vectors per vector of channels: the kernels' per-channel data stays small.
   std::vector<V> k;
   CornerPicks(const Bilinear<A>& q, int64_t C, int64_t sign) : nv((C + L - 1) / L), win(q, C, sign), k(nv * K, V{}) {
     constexpr U top = U(1) << (8 * sizeof(U) - 1);
@@ -2372,10 +2438,12 @@ struct TapWeights {
   }
 };
 
-// lanes of q where the top bit of m is set, of p elsewhere (as AVX's blendv)
+// lanes of q where the top bit of m is set, of p elsewhere (as AVX's blendv). With AVX-512 the generic form (an
+// arithmetic shift and a ternary logic instruction) ran the fused channels_last backward 0.65-0.8x the time of
+// _mm512_movepi32_mask and a masked blend (Zen 5, fourteenth session).
 template <typename A>
 inline typename Vec<A>::V pick(const typename Vec<A>::M& m_, const typename Vec<A>::V& p, const typename Vec<A>::V& q) {
-#ifdef __AVX__
+#if FEWSHIFTS_VECTOR_BYTES == 32 && defined(__AVX__)
   if constexpr (std::is_same<A, float>::value) {
     return reinterpret_cast<typename Vec<A>::V>(
         _mm256_blendv_ps(reinterpret_cast<__m256>(p), reinterpret_cast<__m256>(q), reinterpret_cast<__m256>(m_)));
@@ -2427,7 +2495,7 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
     chk.add(a);
     T* o = orow + j * C + v * L;
     if (len == L && std::is_same<T, A>::value) {
-      put32<Stream>(reinterpret_cast<char*>(o), &a);
+      put_vec<Stream>(reinterpret_cast<char*>(o), &a);
     } else {
       vstore_n<A>(o, a, len);
     }
@@ -2456,7 +2524,7 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
   for (int64_t v = v0; v < v1; ++v) {
     const V* k = plan + v * K;
     const int64_t e = v * L;
-    if (ahead != 0 && (v & 1) == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
+    if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
       __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
     auto vertical = [&](int64_t at) {  // as sep_row's, term by term
       V a = k[0] * vload<Full, A>(s0 + at, len);
@@ -2470,7 +2538,7 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
       a += k[5] * w2;
       chk.add(a);
       if (Full && std::is_same<T, A>::value) {
-        put32<Stream>(reinterpret_cast<char*>(d), &a);
+        put_vec<Stream>(reinterpret_cast<char*>(d), &a);
       } else {
         vstore<Full, A>(d, a, len);
       }
@@ -2753,7 +2821,7 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   for (int64_t v = 0; v < p.nv; ++v) {
     const V* k = p.k.data() + v * K;
     const int64_t e = v * L;
-    if (ahead != 0 && (v & 1) == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
+    if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
       __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
     const V x0 = vload<true, A>(xp + e, L), x1 = Two ? vload<true, A>(xp + C + e, L) : V{};
     auto column = [&](int64_t at, V& vert, V& vd) {
@@ -2768,11 +2836,11 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
     V& sx = acc[2 * v + 1];
     V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
     chk.add(gv);
-    put32<true>(reinterpret_cast<char*>(o + e), &gv);
+    put_vec<true>(reinterpret_cast<char*>(o + e), &gv);
     if (Two) {
       gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy, sx);
       chk.add(gv);
-      put32<true>(reinterpret_cast<char*>(o + C + e), &gv);
+      put_vec<true>(reinterpret_cast<char*>(o + C + e), &gv);
     }
     r[0] = vt[2], r[1] = vd[2], r[2] = vt[3], r[3] = vd[3];
   }
@@ -2821,7 +2889,7 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
 }
 
 // Whether the fused backward takes two pixels per pass (backward_row_pairs): at R = 3, where gx can be streamed
-// (T == A, whole 32-byte vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, 9 vectors per
+// (T == A, whole vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, 9 vectors per
 // vector of channels (plan 3, ring 4, sums 2: 36 bytes per float channel), exceeds kPairBytes, three quarters of a
 // 32 KB L1: shuffled A/B, kernels alone, two pixels / one: 0.76-0.90x at 768-1280 channels (0.9-38 MB), 0.95-1.03x
 // at 576, 1.18x at 384 (twelfth session, ops_notes.md).
@@ -2830,7 +2898,8 @@ template <typename T, typename A>
 bool pairs_fit(const T* gx, int64_t C) {
   using V = typename Vec<A>::V;
   const int64_t nv = (C + Vec<A>::L - 1) / Vec<A>::L;
-  return std::is_same<T, A>::value && (C * sizeof(T)) % 32 == 0 && reinterpret_cast<uintptr_t>(gx) % 32 == 0 &&
+  return std::is_same<T, A>::value && (C * sizeof(T)) % kVecBytes == 0 &&
+         reinterpret_cast<uintptr_t>(gx) % kVecBytes == 0 &&
          9 * nv * static_cast<int64_t>(sizeof(V)) > kPairBytes;
 }
 
@@ -2905,7 +2974,7 @@ inline typename Vec<A>::M mask_at(const int8_t* m) {
   return lane_mask<typename Vec<A>::U>(m);
 }
 
-// A store of a flat loop (for_vectors) over a plane of n elements: with Stream (T == A, out 32-byte aligned) whole
+// A store of a flat loop (for_vectors) over a plane of n elements: with Stream (T == A, out vector-aligned) whole
 // vectors go out as non-temporal stores, into an output that output_apart placed half a page from the inputs (the
 // ninth to twelfth sessions streamed each vector a fixed number of vectors late instead, through a ring: the NCHW
 // bilinear forward took 1.0-1.5x the time it takes now, and the backward did not stream at all); else ordinary

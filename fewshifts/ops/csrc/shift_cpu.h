@@ -20,6 +20,8 @@ inline at::MemoryFormat format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Width of the kernels' vectors in bytes: 64 where compiled for AVX-512, else 32 (FEWSHIFTS_VECTOR_BYTES).
+int64_t vector_bytes();
 // Integer shift (SSL Eq. 1/5) and its adjoint (SSL Eq. 7); shifts (C, 2) integers.
 Tensor shift_forward(const Tensor& x, const Tensor& shifts, int64_t stride);
 Tensor shift_backward(const Tensor& g, const Tensor& shifts, int64_t stride, int64_t height, int64_t width);
