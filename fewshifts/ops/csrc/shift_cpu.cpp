@@ -259,9 +259,9 @@ inline bool above_cache_budget(int64_t bytes, const char* name) {
 }
 
 // Whether a kernel writing `bytes` of output should stream its stores: when the output alone exceeds the cache
-// budget (above_cache_budget), so it would not stay cached for its consumer anyway. (With input and output together above it, a 12.6 MB
-// NCHW shift on the 16 MiB L3 ran 0.92x `x.clone()` streamed against 0.66x with ordinary stores: its input stayed
-// cached between calls.) FEWSHIFTS_STREAM=0 / =1 overrides (never / always; the tests cover both).
+// budget (above_cache_budget), so it would not stay cached for its consumer anyway. (With input and output together
+// above it, a 12.6 MB NCHW shift on the 16 MiB L3 ran 0.92x `x.clone()` streamed against 0.66x with ordinary stores:
+// its input stayed cached between calls.) FEWSHIFTS_STREAM=0 / =1 overrides (never / always; the tests cover both).
 inline bool stream_output(int64_t bytes) { return above_cache_budget(bytes, "FEWSHIFTS_STREAM"); }
 
 // stream_output for `count` blocks of `len` elements at dst (NCHW planes, or channels_last pixels) written as whole
@@ -1773,7 +1773,7 @@ inline void vstore(T* p, const typename Vec<A>::V& v, int64_t len) {
     u = (((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & ~nan) | ((U{} + 0x7FC0) & nan);
 #if FEWSHIFTS_VECTOR_BYTES == 64  // values fit 16 bits: truncation keeps them (one vpmovdw)
     const __m256i h = _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(u));
-#elif defined(__AVX2__)  // values fit 16 bits: unsigned saturation packs them exactly (the generic conversion is scalar)
+#elif defined(__AVX2__)  // values fit 16 bits: unsigned saturation packs them exactly (generic conversion: scalar)
     const __m256i w = reinterpret_cast<__m256i>(u);
     const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 #else
@@ -1913,10 +1913,10 @@ inline void grad_run_n(int64_t nx, const T* g, const T* x, int64_t C, int64_t j0
 }
 
 // Whole rows (all C channels) of one NHWC image, packed as A values into a ring of slots, columns [x0, x0 + pw) with
-// zeros outside the image, in tiles of TL channels (128 bytes: 4 vectors, 2 with AVX-512): slot [tile][column][TL lanes], padding
-// lanes zero. The vector kernels go through a row tile by tile, so what they read of the packed rows stays in L1
-// (the image itself, with pixel stride C, maps a row's pixels onto a few L1 sets and would evict them). Rows are
-// packed on first use (contiguous reads of the image) and reused by the next output rows; no bounds checks.
+// zeros outside the image, in tiles of TL channels (128 bytes: 4 vectors, 2 with AVX-512): slot [tile][column][TL
+// lanes], padding lanes zero. The vector kernels go through a row tile by tile, so what they read of the packed rows
+// stays in L1 (the image itself, with pixel stride C, maps a row's pixels onto a few L1 sets and would evict them).
+// Rows are packed on first use (contiguous reads of the image) and reused by the next output rows; no bounds checks.
 template <typename T, typename A>
 struct RowRing {
   static constexpr int64_t TL = 128 / sizeof(A), VT = TL / Vec<A>::L;  // lanes and vectors per tile
@@ -2089,8 +2089,8 @@ bool outside_not_finite(const T* g, int64_t H, int64_t W, const Bilinear<A>& q, 
 
 // The channels of channels_last g (H x W pixels of C per image, stride 1) with a g that is not finite in their
 // OutsideBand. row(grow, i) tests row i of one image (grow: its first pixel) where the channels' union band covers
-// it, all channels of a pixel at a time (a vector test per vector of channels); backward_nhwc_fused calls it for each row
-// after the row's pass, which has just read it. Safe to call from several threads.
+// it, all channels of a pixel at a time (a vector test per vector of channels); backward_nhwc_fused calls it for each
+// row after the row's pass, which has just read it. Safe to call from several threads.
 template <typename A>
 struct OutsideScan {
   int64_t C;
@@ -2801,13 +2801,15 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
 }
 
 // backward_row at R = 3 with two pixels, j and j + 1, per pass over the channels (as sep_row_pairs): each vector's
-// plan and the ring's two older columns serve both, and the sums are loaded and stored once for both (the compiler
-// keeps acc[2 v], acc[2 v + 1] in registers across the pass): 17 loads per two output vectors where backward_row
-// makes 16 per one. gx goes out as non-temporal stores after both pixels' x are loaded (with ordinary stores, or
-// with x loaded after a streamed store to the same address bits, the pass ran 1.0-1.24x slower than one pixel per
-// pass). Used where the one-pixel pass's per-channel data exceeds L1 (pairs_fit). Vectors [0, C / L), all full. Its
-// row loop repeats sep_row_pairs': one loop for both, the passes called through a generic lambda with the row
-// pointers as arguments, ran the forward 1.02-1.14x and this backward 1.03-1.11x slower (twelfth session).
+// plan and the ring's two older columns serve both, and the sums are loaded and stored once for both (copied to
+// locals for the pass: as references into acc, GCC 12 reloaded them after the first pixel's streamed store, which
+// might alias them, a store-to-load forwarding stall; 0.87x with locals, Zen 5): 17 loads per two output vectors
+// where backward_row makes 16 per one. gx goes out as non-temporal stores after both pixels' x are loaded (with
+// ordinary stores, or with x loaded after a streamed store to the same address bits, the pass ran 1.0-1.24x slower
+// than one pixel per pass). Used where pairs_fit allows (with 32-byte vectors, where the one-pixel pass's per-channel
+// data exceeds L1). Vectors [0, C / L), all full. Its row loop repeats sep_row_pairs': one loop for both, the passes
+// called through a generic lambda with the row pointers as arguments, ran the forward 1.02-1.14x and this backward
+// 1.03-1.11x slower (twelfth session).
 template <bool In1, bool In2, bool Two, typename T, typename A>
 inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C,
                                int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
@@ -2832,8 +2834,7 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
     V vt[4] = {r[0], r[2], V{}, V{}}, vd[4] = {r[1], r[3], V{}, V{}};
     if (In1) column(e, vt[2], vd[2]);
     if (In2) column(e + second, vt[3], vd[3]);
-    V& sy = acc[2 * v];
-    V& sx = acc[2 * v + 1];
+    V sy = acc[2 * v], sx = acc[2 * v + 1];  // locals: the store of gx below may alias acc, which would be reloaded
     V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
     chk.add(gv);
     put_vec<true>(reinterpret_cast<char*>(o + e), &gv);
@@ -2842,6 +2843,7 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
       chk.add(gv);
       put_vec<true>(reinterpret_cast<char*>(o + C + e), &gv);
     }
+    acc[2 * v] = sy, acc[2 * v + 1] = sx;
     r[0] = vt[2], r[1] = vd[2], r[2] = vt[3], r[3] = vd[3];
   }
 }
@@ -2892,8 +2894,9 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
 // (T == A, whole vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, 9 vectors per
 // vector of channels (plan 3, ring 4, sums 2: 36 bytes per float channel), exceeds kPairBytes, three quarters of a
 // 32 KB L1: shuffled A/B, kernels alone, two pixels / one: 0.76-0.90x at 768-1280 channels (0.9-38 MB), 0.95-1.03x
-// at 576, 1.18x at 384 (twelfth session, ops_notes.md).
-constexpr int64_t kPairBytes = 24 << 10;
+// at 576, 1.18x at 384 (Zen 2, 32-byte vectors; twelfth session, ops_notes.md). With 64-byte vectors (AVX-512) always:
+// 0.73-0.91x at 96-576 channels, cached or not, on the Zen 5 of the fourteenth session (one shape, 32x96x32x32, 1.04x).
+constexpr int64_t kPairBytes = kVecBytes == 64 ? 0 : 24 << 10;
 template <typename T, typename A>
 bool pairs_fit(const T* gx, int64_t C) {
   using V = typename Vec<A>::V;
