@@ -83,6 +83,13 @@ def _measure(fns: dict, warmup: int, repeats: int) -> dict:
     return {name: (statistics.median(ts) * 1e3, min(ts) * 1e3) for name, ts in times.items()}
 
 
+def _vector_width() -> str:
+    from fewshifts.ops import cpp
+
+    module = cpp.load() if backend.name_for(torch.zeros(1)) == "cpp" else None
+    return f", {module.vector_bytes()}-byte vectors" if module is not None else ""
+
+
 def _machine() -> list[str]:
     from fewshifts.deploy.bench import allocator, cpu_name
 
@@ -94,7 +101,7 @@ def _machine() -> list[str]:
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}",
         f"- Allocator: {alloc}",
         f"- Shift kernels: `{backend.name_for(torch.zeros(1))}` path (FEWSHIFTS_BACKEND="
-        f"{os.environ.get('FEWSHIFTS_BACKEND', 'auto')})",
+        f"{os.environ.get('FEWSHIFTS_BACKEND', 'auto')}){_vector_width()}",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
     ]
 
