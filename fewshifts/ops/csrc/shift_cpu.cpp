@@ -2528,6 +2528,7 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
   const T* s1 = src[1];
   const T* s2 = src[2];
   const int64_t second = In1 ? C : 0;  // column c2's offset from src
+  FiniteCheck<A> fin = chk;  // a local (as in backward_pair_pass)
   for (int64_t v = v0; v < v1; ++v) {
     const V* k = plan + v * K;
     const int64_t e = v * L;
@@ -2543,7 +2544,7 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
       V a = k[3] * w0;
       a += k[4] * w1;
       a += k[5] * w2;
-      chk.add(a);
+      fin.add(a);
       if (Full && std::is_same<T, A>::value) {
         put_vec<Stream>(reinterpret_cast<char*>(d), &a);
       } else {
@@ -2557,6 +2558,7 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
     put(o + e, w0, w1, n1);
     if (Two) put(o + C + e, w1, n1, n2);
   }
+  chk = fin;
 }
 
 // One output row of bilinear_nhwc_sep at stride 1, R = 3, by sep_pair_pass. Returns whether every output was finite.
@@ -2827,8 +2829,11 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   const T* s1 = src[1];
   const T* s2 = src[2];
   const int64_t second = In1 ? C : 0;  // column c2's offset from src
-  for (int64_t v = 0; v < p.nv; ++v) {
-    const V* k = p.k.data() + v * K;
+  const V* plan = p.k.data();
+  const int64_t nv = p.nv;
+  FiniteCheck<A> fin = chk;  // a local: in chk, the check's bits were stored and reloaded around every store of gx
+  for (int64_t v = 0; v < nv; ++v) {
+    const V* k = plan + v * K;
     const int64_t e = v * L;
     if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
       __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
@@ -2843,16 +2848,17 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
     if (In2) column(e + second, vt[3], vd[3]);
     V sy = acc[2 * v], sx = acc[2 * v + 1];  // locals: the store of gx below may alias acc, which would be reloaded
     V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
-    chk.add(gv);
+    fin.add(gv);
     put_vec<true>(reinterpret_cast<char*>(o + e), &gv);
     if (Two) {
       gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy, sx);
-      chk.add(gv);
+      fin.add(gv);
       put_vec<true>(reinterpret_cast<char*>(o + C + e), &gv);
     }
     acc[2 * v] = sy, acc[2 * v + 1] = sx;
     r[0] = vt[2], r[1] = vd[2], r[2] = vt[3], r[3] = vd[3];
   }
+  chk = fin;
 }
 
 template <typename T, typename A>
