@@ -353,3 +353,20 @@ def test_boolean_options_are_bare_flags():
     args = parser.parse_args(["--compile", "--channels-last", "--tensorboard", "false", "--lr", "0.05"])
     assert (args.compile, args.channels_last, args.tensorboard, args.lr) == (True, True, False, 0.05)
 
+
+
+def test_torchrun_worker_leaves_with_os_exit(monkeypatch):
+    """console() returns the command's exit code, except in a worker of a multi-process run (WORLD_SIZE > 1), which
+    leaves through os._exit with that code (a gloo worker could abort at interpreter exit)."""
+    from fewshifts import cli
+
+    exits = []
+    monkeypatch.setattr(cli, "reexec_with_tcmalloc", lambda command: None)
+    monkeypatch.setattr(cli, "main", lambda argv: 3)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(sys, "argv", ["fewshifts", "zoo"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.console() == 3 and exits == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.console()
+    assert exits == [3]
