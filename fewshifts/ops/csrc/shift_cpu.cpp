@@ -2681,6 +2681,7 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
     for (int u = 0; u < R; ++u) dvw[u] = w[2 * u], ivw[u] = w[2 * u + 1];
     pick_pair<R, true, A>(k, dvw, dlo, dhi);
     pick_pair<R, true, A>(k, ivw, ilo, ihi);
+    if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(grow + j * C + v * L + ahead);  // g, as x's row
     const V gv = vload_n<A>(grow + j * C + v * L, len);
     acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
     acc[2 * v + 1] += gv * (ihi - ilo);
@@ -2799,6 +2800,7 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
   auto output = [&](const V* k, const V* w, int64_t j, int64_t v, int64_t len) {
     V vw[R], dw[R];
     for (int u = 0; u < R; ++u) vw[u] = w[2 * u], dw[u] = w[2 * u + 1];
+    if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(xrow + j * C + v * L + ahead);  // x, as g's row
     const V xv = vload_n<A>(xrow + j * C + v * L, len);
     const V gv = g_output<R, A>(k, vw, dw, xv, acc[2 * v], acc[2 * v + 1]);
     chk.add(gv);
@@ -2835,8 +2837,10 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   for (int64_t v = 0; v < nv; ++v) {
     const V* k = plan + v * K;
     const int64_t e = v * L;
-    if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
+    if (ahead != 0 && v % kVectorsPerLine == 0) {  // `ahead` on, one per line: g's newest row, x (both columns)
       __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
+      __builtin_prefetch(xp + e + ahead), __builtin_prefetch(xp + e + C + ahead);
+    }
     const V x0 = vload<true, A>(xp + e, L), x1 = Two ? vload<true, A>(xp + C + e, L) : V{};
     auto column = [&](int64_t at, V& vert, V& vd) {
       const V y[3] = {vload<true, A>(s0 + at, L), vload<true, A>(s1 + at, L), vload<true, A>(s2 + at, L)};
