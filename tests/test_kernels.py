@@ -382,9 +382,12 @@ def test_channels_last_separable_two_pixel_passes(kernels, stores, dtype, offset
     """The channels_last bilinear forward and input gradient at stride 1 with every channel's corners in 3 rows and
     3 columns (shifts within a pixel of one integer `offset`) compute two output pixels per pass: odd and even widths,
     a last pixel without a partner, columns outside the image on either side or (offset 3 on narrow images) every
-    column of a pass, channel counts with a partial last vector; ordinary and non-temporal stores."""
+    column of a pass, channel counts with a partial last vector, and 1000 channels, which the kernel takes in two
+    strips (kL1Bytes: a strip holds 768 floats, or 384 doubles, with 64- or 32-byte vectors alike) with the partial
+    vector in the second; ordinary and non-temporal stores."""
     g = torch.Generator().manual_seed(offset + 7)
-    for channels, height, width in [(8, 3, 1), (13, 4, 2), (24, 2, 3), (5, 3, 4), (40, 3, 7), (16, 2, 8), (9, 5, 9)]:
+    shapes = [(8, 3, 1), (13, 4, 2), (24, 2, 3), (5, 3, 4), (40, 3, 7), (16, 2, 8), (9, 5, 9), (1000, 3, 5)]
+    for channels, height, width in shapes:
         x = torch.randn(2, channels, height, width, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         real = torch.rand(channels, 2, generator=g) * 1.8 - 0.9 + offset
         real_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -559,8 +562,9 @@ def test_channels_last_one_pass_backward_matches_reference(kernels, dtype, reach
 @pytest.mark.parametrize("offset", [0, 1, -2])
 def test_channels_last_one_pass_backward_two_pixel_passes(kernels, dtype, channels, offset):
     """Where the fused channels_last backward's per-channel data exceeds L1 (768 float or 384 double channels, corners
-    in 3 rows and columns) it takes two pixels per pass and streams gx: odd and even widths, a last pixel without a
-    partner, columns outside the image, inf/nan recomputed as the reference does; the same results on one thread."""
+    in 3 rows and columns) it takes two pixels per pass and streams gx, in two strips of channels (kL1Bytes): odd and
+    even widths, a last pixel without a partner, columns outside the image, inf/nan recomputed as the reference does;
+    the same results on one thread."""
     g = torch.Generator().manual_seed(channels + offset)
     for n, height, width in [(1, 3, 1), (2, 4, 2), (1, 2, 5), (1, 5, 8), (2, 3, 9)]:
         x = torch.randn(n, channels, height, width, generator=g).to(dtype)

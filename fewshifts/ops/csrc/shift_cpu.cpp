@@ -2512,6 +2512,15 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
   return chk.finite();
 }
 
+// The two-pixel row kernels (sep_row_pairs, backward_row_pairs) go through a row once per strip of channels, so that
+// the strip's per-channel data (`bytes` per vector of channels: weights, ring, sums) stays within kL1Bytes, three
+// quarters of a 32 KB L1, while the row's pixels stream past: at 1152 float channels (the forward's data 37 KB, the
+// backward's 41 KB) two strips ran 0.79-0.91x the time of one on tensors of 19-38 MB (forward and backward; Zen 5,
+// 64-byte vectors, 48 KB L1), 0.91-0.95x with 32-byte vectors; neutral on cached ones (9 MB).
+constexpr int64_t kL1Bytes = 24 << 10;
+
+inline int64_t strip_vectors(int64_t bytes) { return std::max<int64_t>(1, kL1Bytes / bytes); }
+
 // sep_row at stride 1 and R = 3 with two output pixels, j and j + 1, per pass over the channels: the pass computes
 // the vertical sums of the new columns c1 = j + k0 + 2 and c2 = c1 + 1 (In1, In2: inside the image, else 0; Two:
 // j + 1 is an output), and each vector's six weights and the ring's two old columns serve both outputs: 7 loads per
@@ -2569,40 +2578,44 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
   constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
   const int64_t full = C / L, tail = C % L, nv = full + (tail != 0), k0 = p.win.k0;
   const V* plan = p.k.data();
-  for (int c = 0; c < 2; ++c) {  // the ring: the vertical sums of columns k0 and k0 + 1
-    const int64_t col = k0 + c;
-    for (int64_t v = 0; v < nv; ++v) {
-      const int64_t len = v < full ? L : tail;
-      const V* k = plan + v * K;
-      V a{};
-      if (col >= 0 && col < Ws) {
-        a = k[0] * vload_n<A>(rows[0] + col * C + v * L, len);
-        for (int t = 1; t < 3; ++t) a += k[t] * vload_n<A>(rows[t] + col * C + v * L, len);
-      }
-      ring[2 * v + c] = a;
-    }
-  }
   FiniteCheck<A> chk;
-  for (int64_t j = 0; j < Wo; j += 2) {
-    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
-    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
-    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
-    const T* src[3] = {rows[0] + at, rows[1] + at, rows[2] + at};
-    T* o = orow + j * C;
-    auto pass = [&](auto i1, auto i2, auto tw) {
-      constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
-      const int64_t pf = in1 || in2 ? ahead : 0;
-      sep_pair_pass<Stream, I1, I2, Tw, true>(src, plan, C, 0, full, L, pf, ring, o, chk);
-      if (tail != 0) sep_pair_pass<Stream, I1, I2, Tw, false>(src, plan, C, full, nv, tail, 0, ring, o, chk);
-    };
-    using Y = std::true_type;
-    using N = std::false_type;
-    if (!two) {
-      in1 ? pass(Y{}, N{}, N{}) : pass(N{}, N{}, N{});
-    } else if (in1) {
-      in2 ? pass(Y{}, Y{}, Y{}) : pass(Y{}, N{}, Y{});
-    } else {
-      in2 ? pass(N{}, Y{}, Y{}) : pass(N{}, N{}, Y{});
+  const int64_t strip = strip_vectors((K + 2) * static_cast<int64_t>(sizeof(V)));  // weights 6, ring 2
+  for (int64_t b0 = 0; b0 < nv; b0 += strip) {  // channel strips [b0, b1) of vectors, the row once for each
+    const int64_t b1 = std::min(nv, b0 + strip), f1 = std::min(b1, full);
+    for (int c = 0; c < 2; ++c) {  // the ring: the vertical sums of columns k0 and k0 + 1
+      const int64_t col = k0 + c;
+      for (int64_t v = b0; v < b1; ++v) {
+        const int64_t len = v < full ? L : tail;
+        const V* k = plan + v * K;
+        V a{};
+        if (col >= 0 && col < Ws) {
+          a = k[0] * vload_n<A>(rows[0] + col * C + v * L, len);
+          for (int t = 1; t < 3; ++t) a += k[t] * vload_n<A>(rows[t] + col * C + v * L, len);
+        }
+        ring[2 * v + c] = a;
+      }
+    }
+    for (int64_t j = 0; j < Wo; j += 2) {
+      const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+      const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
+      const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
+      const T* src[3] = {rows[0] + at, rows[1] + at, rows[2] + at};
+      T* o = orow + j * C;
+      auto pass = [&](auto i1, auto i2, auto tw) {
+        constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
+        const int64_t pf = in1 || in2 ? ahead : 0;
+        sep_pair_pass<Stream, I1, I2, Tw, true>(src, plan, C, b0, f1, L, pf, ring, o, chk);
+        if (f1 < b1) sep_pair_pass<Stream, I1, I2, Tw, false>(src, plan, C, f1, b1, tail, 0, ring, o, chk);
+      };
+      using Y = std::true_type;
+      using N = std::false_type;
+      if (!two) {
+        in1 ? pass(Y{}, N{}, N{}) : pass(N{}, N{}, N{});
+      } else if (in1) {
+        in2 ? pass(Y{}, Y{}, Y{}) : pass(Y{}, N{}, Y{});
+      } else {
+        in2 ? pass(N{}, Y{}, Y{}) : pass(N{}, N{}, Y{});
+      }
     }
   }
   return chk.finite();
@@ -2822,8 +2835,8 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
 // called through a generic lambda with the row pointers as arguments, ran the forward 1.02-1.14x and this backward
 // 1.03-1.11x slower (twelfth session).
 template <bool In1, bool In2, bool Two, typename T, typename A>
-inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C,
-                               int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
+inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C, int64_t v0,
+                               int64_t v1, int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
                                FiniteCheck<A>& chk) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L, K = CornerPicks<3, A>::K;
@@ -2832,9 +2845,8 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   const T* s2 = src[2];
   const int64_t second = In1 ? C : 0;  // column c2's offset from src
   const V* plan = p.k.data();
-  const int64_t nv = p.nv;
   FiniteCheck<A> fin = chk;  // a local: in chk, the check's bits were stored and reloaded around every store of gx
-  for (int64_t v = 0; v < nv; ++v) {
+  for (int64_t v = v0; v < v1; ++v) {
     const V* k = plan + v * K;
     const int64_t e = v * L;
     if (ahead != 0 && v % kVectorsPerLine == 0) {  // `ahead` on, one per line: g's newest row, x (both columns)
@@ -2871,36 +2883,41 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   const int64_t k0 = p.win.k0;
-  for (int c = 0; c < 2; ++c) {  // the ring: vert, vd of columns k0 and k0 + 1
-    const int64_t col = k0 + c;
-    for (int64_t v = 0; v < p.nv; ++v) {
-      V vert{}, vd{};
-      if (col >= 0 && col < W) {
-        const V y[3] = {vload<true, A>(grows[0] + col * C + v * L, L), vload<true, A>(grows[1] + col * C + v * L, L),
-                        vload<true, A>(grows[2] + col * C + v * L, L)};
-        g_column<3, A>(p.k.data() + v * CornerPicks<3, A>::K, y, vert, vd);
-      }
-      ring[4 * v + 2 * c] = vert, ring[4 * v + 2 * c + 1] = vd;
-    }
-  }
   FiniteCheck<A> chk;
-  for (int64_t j = 0; j < W; j += 2) {
-    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
-    const bool two = j + 1 < W, in1 = c1 >= 0 && c1 < W, in2 = two && c2 >= 0 && c2 < W;
-    const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
-    const T* src[3] = {grows[0] + at, grows[1] + at, grows[2] + at};
-    const T* xp = xrow + j * C;
-    T* o = gxrow + j * C;
-    const int64_t pf = in1 || in2 ? ahead : 0;
-    if (!two) {
-      in1 ? backward_pair_pass<true, false, false>(src, xp, p, C, pf, ring, o, acc, chk)
-          : backward_pair_pass<false, false, false>(src, xp, p, C, pf, ring, o, acc, chk);
-    } else if (in1) {
-      in2 ? backward_pair_pass<true, true, true>(src, xp, p, C, pf, ring, o, acc, chk)
-          : backward_pair_pass<true, false, true>(src, xp, p, C, pf, ring, o, acc, chk);
-    } else {
-      in2 ? backward_pair_pass<false, true, true>(src, xp, p, C, pf, ring, o, acc, chk)
-          : backward_pair_pass<false, false, true>(src, xp, p, C, pf, ring, o, acc, chk);
+  const int64_t strip = strip_vectors(9 * static_cast<int64_t>(sizeof(V)));  // plan 3, ring 4, sums 2
+  for (int64_t b0 = 0; b0 < p.nv; b0 += strip) {  // channel strips [b0, b1) of vectors, the row once for each
+    const int64_t b1 = std::min(p.nv, b0 + strip);
+    for (int c = 0; c < 2; ++c) {  // the ring: vert, vd of columns k0 and k0 + 1
+      const int64_t col = k0 + c;
+      for (int64_t v = b0; v < b1; ++v) {
+        V vert{}, vd{};
+        if (col >= 0 && col < W) {
+          const V y[3] = {vload<true, A>(grows[0] + col * C + v * L, L),
+                          vload<true, A>(grows[1] + col * C + v * L, L),
+                          vload<true, A>(grows[2] + col * C + v * L, L)};
+          g_column<3, A>(p.k.data() + v * CornerPicks<3, A>::K, y, vert, vd);
+        }
+        ring[4 * v + 2 * c] = vert, ring[4 * v + 2 * c + 1] = vd;
+      }
+    }
+    for (int64_t j = 0; j < W; j += 2) {
+      const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+      const bool two = j + 1 < W, in1 = c1 >= 0 && c1 < W, in2 = two && c2 >= 0 && c2 < W;
+      const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
+      const T* src[3] = {grows[0] + at, grows[1] + at, grows[2] + at};
+      const T* xp = xrow + j * C;
+      T* o = gxrow + j * C;
+      const int64_t pf = in1 || in2 ? ahead : 0;
+      if (!two) {
+        in1 ? backward_pair_pass<true, false, false>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk)
+            : backward_pair_pass<false, false, false>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk);
+      } else if (in1) {
+        in2 ? backward_pair_pass<true, true, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk)
+            : backward_pair_pass<true, false, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk);
+      } else {
+        in2 ? backward_pair_pass<false, true, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk)
+            : backward_pair_pass<false, false, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk);
+      }
     }
   }
   stream_fence<true>();
@@ -2913,7 +2930,7 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
 // 32 KB L1: shuffled A/B, kernels alone, two pixels / one: 0.76-0.90x at 768-1280 channels (0.9-38 MB), 0.95-1.03x
 // at 576, 1.18x at 384 (Zen 2, 32-byte vectors; twelfth session, ops_notes.md). With 64-byte vectors (AVX-512) always:
 // 0.73-0.91x at 96-576 channels, cached or not, on the Zen 5 of the fourteenth session (one shape, 32x96x32x32, 1.04x).
-constexpr int64_t kPairBytes = kVecBytes == 64 ? 0 : 24 << 10;
+constexpr int64_t kPairBytes = kVecBytes == 64 ? 0 : kL1Bytes;
 template <typename T, typename A>
 bool pairs_fit(const T* gx, int64_t C) {
   using V = typename Vec<A>::V;
