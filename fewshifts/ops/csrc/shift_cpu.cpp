@@ -202,11 +202,6 @@ inline void put(char* d, const void* v) {
 }
 
 template <bool Stream>
-inline void put32(char* d, const void* v) {
-  put<32, Stream>(d, v);
-}
-
-template <bool Stream>
 inline void put_vec(char* d, const void* v) {
   put<kVecBytes, Stream>(d, v);
 }
@@ -225,7 +220,7 @@ void copy_long_put(T* dst, const T* src, int64_t n) {
   const char* s = reinterpret_cast<const char*>(src);
   const size_t bytes = n * sizeof(T);
   if (!Stream || ((reinterpret_cast<uintptr_t>(d) | bytes) & 31) != 0) return copy_long(d, s, bytes);
-  for (size_t k = 0; k < bytes; k += 32) put32<Stream>(d + k, s + k);
+  for (size_t k = 0; k < bytes; k += 32) put<32, Stream>(d + k, s + k);
 }
 
 // Size of the last-level cache that this CPU's cores share: Linux's sysfs (what lscpu shows), else 16 MiB. (glibc's
@@ -685,7 +680,7 @@ bool move_nhwc_channels_as(const T* src, T* dst, const Move& m) {
             T v[16];
             for (int k = 0; k < 16; ++k) v[k] = anchor[off[c + k]];
             for (size_t b = 0; b < sizeof(v); b += 32)
-              put32<Stream>(reinterpret_cast<char*>(d + c) + b, reinterpret_cast<const char*>(v) + b);
+              put<32, Stream>(reinterpret_cast<char*>(d + c) + b, reinterpret_cast<const char*>(v) + b);
           }
           for (; c < C; ++c) d[c] = anchor[off[c]];
         } else {
@@ -1071,8 +1066,8 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     const T* src[R];
     for (int t = 0; t < R; ++t) src[t] = row[t] + (inside ? col : 0) * C;
     const V* k = plan;
-    // the loop over the vectors, once per (inside, prefetch): with the tests inside it, GCC kept them there (0.8x the
-    // time of a pixel of 96 channels unswitched, Zen 5)
+    // the loop over the vectors, once per (inside, prefetch): with the tests inside it, GCC kept them there (the
+    // integer selection at 96 channels ran 0.90-0.95x the time unswitched, Zen 5)
     auto pass = [&](auto in, auto pf) {
       for (int64_t v = 0; v < nv; ++v) {
         if constexpr (decltype(pf)::value) __builtin_prefetch(src[R - 1] + v * L + ahead);
@@ -2446,7 +2441,7 @@ struct TapWeights {
 };
 
 // lanes of q where the top bit of m is set, of p elsewhere (as AVX's blendv). With AVX-512 the generic form (an
-// arithmetic shift and a ternary logic instruction) ran the fused channels_last backward 0.65-0.8x the time of
+// arithmetic shift and a ternary logic instruction) ran the fused channels_last backward 0.60-0.67x the time of
 // _mm512_movepi32_mask and a masked blend (Zen 5, fourteenth session).
 template <typename A>
 inline typename Vec<A>::V pick(const typename Vec<A>::M& m_, const typename Vec<A>::V& p, const typename Vec<A>::V& q) {
@@ -2516,7 +2511,7 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
 // the strip's per-channel data (`bytes` per vector of channels: weights, ring, sums) stays within kL1Bytes, three
 // quarters of a 32 KB L1, while the row's pixels stream past: at 1152 float channels (the forward's data 37 KB, the
 // backward's 41 KB) two strips ran 0.79-0.91x the time of one on tensors of 19-38 MB (forward and backward; Zen 5,
-// 64-byte vectors, 48 KB L1), 0.91-0.95x with 32-byte vectors; neutral on cached ones (9 MB).
+// 64-byte vectors, 48 KB L1), 0.86-0.95x with 32-byte vectors; neutral on cached ones (9 MB).
 constexpr int64_t kL1Bytes = 24 << 10;
 
 inline int64_t strip_vectors(int64_t bytes) { return std::max<int64_t>(1, kL1Bytes / bytes); }
