@@ -451,6 +451,35 @@ def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stri
     torch.testing.assert_close(kernels.bilinear_backward_input(grad, real, stride, 7, 9), ref_gx, equal_nan=True)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_kernels_in_channel_strips(kernels, dtype, stride):
+    """channels_last row kernels with more channels than one strip holds (strip_vectors: per-channel data within
+    kL1Bytes), against the reference: the integer selection (rounded per-channel shifts within a pixel, 1100 channels:
+    two strips and a partial vector moved lane by lane), the shift gradient and the separable forward / input gradient
+    with corners in 5 rows and columns (460 channels), and the one-pixel fused backward (corners in 3, 700 channels,
+    pixels that are no whole number of vectors)."""
+    g = torch.Generator().manual_seed(11 + stride)
+    real_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for channels, reach in [(1100, 0.9), (460, 1.9), (700, 0.9)]:
+        x = torch.randn(2, channels, 4, 5, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        real = ((torch.rand(channels, 2, generator=g, dtype=torch.float64) * 2 - 1) * reach).to(real_dtype)
+        rounded = torch.round(real).long()
+        out = kernels.shift_forward(x, rounded, stride)
+        assert torch.equal(out, reference.shift_forward(x, rounded, stride))
+        grad = torch.randn(out.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(kernels.shift_backward(grad, rounded, stride, 4, 5),
+                           reference.shift_backward(grad, rounded, stride, 4, 5))
+        out = kernels.bilinear_forward(x, real, stride)
+        torch.testing.assert_close(out, reference.bilinear_forward(x, real, stride), **_tol(dtype))
+        gs = kernels.bilinear_backward_shifts(grad, x, real, stride)
+        _assert_shift_grad_close(gs, reference.bilinear_backward_shifts(grad, x, real, stride), grad, x)
+        gx, gs = kernels.bilinear_backward(grad, x, real, stride)
+        ref_gx, ref_gs = reference.bilinear_backward(grad, x, real, stride)
+        torch.testing.assert_close(gx, ref_gx, **_tol(dtype))
+        _assert_shift_grad_close(gs, ref_gs, grad, x)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

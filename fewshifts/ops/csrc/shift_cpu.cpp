@@ -994,6 +994,17 @@ void window_rows(const T* img, int64_t r0, int64_t h, int64_t len, const T* zero
   for (int t = 0; t < R; ++t) rows[t] = r0 + t >= 0 && r0 + t < h ? img + (r0 + t) * len : zero;
 }
 
+// The channels_last row kernels (ring_row's, sep_row_pairs, backward_row_pairs) go through a row once per strip of
+// channels, so that the strip's per-channel data (`bytes` per vector of channels: weights, ring, sums) stays within
+// kL1Bytes, three quarters of a 32 KB L1, while the row's pixels stream past. At 1152 float channels (the two-pixel
+// forward's data 37 KB, the backward's 41 KB) two strips ran 0.79-0.91x the time of one on tensors of 19-38 MB
+// (forward and backward; Zen 5, 64-byte vectors, 48 KB L1), 0.86-0.95x with 32-byte vectors, neutral on cached ones
+// (9 MB); the shift gradient (grad_row, R = 5, 60 KB) in three strips 0.71x with 64-byte vectors, where it had run
+// 1.45x the time of the 32-byte build (unchanged with 32-byte vectors).
+constexpr int64_t kL1Bytes = 24 << 10;
+
+inline int64_t strip_vectors(int64_t bytes) { return std::max<int64_t>(1, kL1Bytes / bytes); }
+
 // The traversal shared by the channels_last row kernels that visit pixels in memory order (through ring_row:
 // move_nhwc_pick, bilinear_nhwc_sep, shift_grad_nhwc_sep, backward_nhwc_fused): output j reads source columns
 // j*S + k0 + u, u < R, whose per-column data (picked rows, vertical sums) sit in a ring of slots, ring_slot(col).
@@ -1029,8 +1040,8 @@ void sweep_columns(int64_t k0, int64_t Ws, int64_t Wo, const Fill& fill, const F
 // column prefetches rows[R-1] `ahead` elements on (prefetch_ahead). Pointers are copied to
 // locals per pixel: captured ones are reloaded after every store, which a store through a char* may alias.
 template <int S, int R, int E, int K, int L, typename T, typename V, typename Column, typename Output>
-void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t k0, int64_t Ws, int64_t Wo,
-              int64_t ahead, V* ring, const Column& column, const Output& output) {
+void ring_strip(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t k0, int64_t Ws, int64_t Wo,
+                int64_t ahead, V* ring, const Column& column, const Output& output, int64_t v0, int64_t v1) {
   const int64_t nv = (n + L - 1) / L, full = n / L, tail = n - full * L;
   const T* row[R];
   for (int t = 0; t < R; ++t) row[t] = rows[t];
@@ -1038,11 +1049,11 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
   auto at = [&](int64_t col) { return ring + ring_slot(col, slots) * E * nv; };
   auto fill = [&](int64_t col) {
     V* d = at(col);
-    if (col < 0 || col >= Ws) return std::fill(d, d + E * nv, V{});
+    if (col < 0 || col >= Ws) return std::fill(d + E * v0, d + E * v1, V{});
     const T* src[R];
     for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
     const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) {
+    for (int64_t v = v0; v < v1; ++v) {
       if (ahead != 0) __builtin_prefetch(src[R - 1] + v * L + ahead);
       column(k + v * K, src, v, v < full ? L : tail, d + E * v);
     }
@@ -1051,7 +1062,7 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     const V* h[R];
     for (int u = 0; u < R; ++u) h[u] = at(j * S + k0 + u);
     const V* k = plan;
-    for (int64_t v = 0; v < nv; ++v) {
+    for (int64_t v = v0; v < v1; ++v) {
       V w[R * E];
       for (int u = 0; u < R; ++u)
         for (int e = 0; e < E; ++e) w[u * E + e] = h[u][E * v + e];
@@ -1069,7 +1080,7 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     // the loop over the vectors, once per (inside, prefetch): with the tests inside it, GCC kept them there (the
     // integer selection at 96 channels ran 0.90-0.95x the time unswitched, Zen 5)
     auto pass = [&](auto in, auto pf) {
-      for (int64_t v = 0; v < nv; ++v) {
+      for (int64_t v = v0; v < v1; ++v) {
         if constexpr (decltype(pf)::value) __builtin_prefetch(src[R - 1] + v * L + ahead);
         const int64_t len = v < full ? L : tail;
         V w[R * E];
@@ -1089,6 +1100,16 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
     pass(std::true_type{}, std::false_type{});
   };
   sweep_columns<S, R>(k0, Ws, Wo, fill, fused, out);
+}
+
+// ring_strip over strips of channels (strip_vectors; X: the caller's own vectors per vector of channels, such as sums)
+template <int S, int R, int E, int K, int X, int L, typename T, typename V, typename Column, typename Output>
+void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t k0, int64_t Ws, int64_t Wo,
+              int64_t ahead, V* ring, const Column& column, const Output& output) {
+  constexpr int slots = S == 1 ? R - 1 : R;
+  const int64_t nv = (n + L - 1) / L, strip = strip_vectors((K + E * slots + X) * static_cast<int64_t>(sizeof(V)));
+  for (int64_t v0 = 0; v0 < nv; v0 += strip)
+    ring_strip<S, R, E, K, L>(rows, plan, C, n, k0, Ws, Wo, ahead, ring, column, output, v0, std::min(nv, v0 + strip));
 }
 
 // channels_last integer movement by selection, for affine movements o -> o*S + d (the forward movement, any stride,
@@ -1153,7 +1174,7 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
     for (int u = 1; u < R; ++u) o = pick_bits<U>(k[R - 2 + u], o, w[u]);
     put_vec<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &o);
   };
-  ring_row<S, R, 1, K, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ahead, ring, column, output);
+  ring_row<S, R, 1, K, 0, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ahead, ring, column, output);
 }
 
 // Returns false (nothing done) where the conditions above do not hold.
@@ -2502,19 +2523,10 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
       vstore_n<A>(o, a, len);
     }
   };
-  ring_row<S, R, 1, TapWeights<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring, vertical,
-                                                     put);
+  ring_row<S, R, 1, TapWeights<R, A>::K, 0, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring,
+                                                        vertical, put);
   return chk.finite();
 }
-
-// The two-pixel row kernels (sep_row_pairs, backward_row_pairs) go through a row once per strip of channels, so that
-// the strip's per-channel data (`bytes` per vector of channels: weights, ring, sums) stays within kL1Bytes, three
-// quarters of a 32 KB L1, while the row's pixels stream past: at 1152 float channels (the forward's data 37 KB, the
-// backward's 41 KB) two strips ran 0.79-0.91x the time of one on tensors of 19-38 MB (forward and backward; Zen 5,
-// 64-byte vectors, 48 KB L1), 0.86-0.95x with 32-byte vectors; neutral on cached ones (9 MB).
-constexpr int64_t kL1Bytes = 24 << 10;
-
-inline int64_t strip_vectors(int64_t bytes) { return std::max<int64_t>(1, kL1Bytes / bytes); }
 
 // sep_row at stride 1 and R = 3 with two output pixels, j and j + 1, per pass over the channels: the pass computes
 // the vertical sums of the new columns c1 = j + k0 + 2 and c2 = c1 + 1 (In1, In2: inside the image, else 0; Two:
@@ -2694,8 +2706,8 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
     acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
     acc[2 * v + 1] += gv * (ihi - ilo);
   };
-  ring_row<S, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring, column,
-                                                     output);
+  ring_row<S, R, 2, CornerPicks<R, A>::K, 2, Vec<A>::L>(rows, p.k.data(), C, C, p.win.k0, Ws, Wo, ahead, ring,
+                                                        column, output);
 }
 
 // The work items of the channels_last shift-gradient kernels: blocks of `rows` rows of each image (RowBlocks, fixed
@@ -2814,8 +2826,8 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
     chk.add(gv);
     vstore_n<A>(gxrow + j * C + v * L, gv, len);
   };
-  ring_row<1, R, 2, CornerPicks<R, A>::K, Vec<A>::L>(grows, p.k.data(), C, C, p.win.k0, W, W, ahead, ring, column,
-                                                     output);
+  ring_row<1, R, 2, CornerPicks<R, A>::K, 2, Vec<A>::L>(grows, p.k.data(), C, C, p.win.k0, W, W, ahead, ring,
+                                                        column, output);
   return chk.finite();
 }
 
