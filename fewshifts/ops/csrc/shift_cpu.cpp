@@ -1033,8 +1033,9 @@ void sweep_columns(int64_t k0, int64_t Ws, int64_t Wo, const Fill& fill, const F
 // the image), all channels of a pixel before the next: per source column and vector v of channels, column(k, src, v,
 // len, d) computes the vector's E ring vectors d[0 .. E-1] from src[t] = rows[t] + col * C (they are 0 for columns
 // outside the image); per output j, output(k, w, j, v, len) uses those of the window's columns, w[u * E + e]. k is
-// the vector's plan (K vectors), len its number of channels (of L per vector V). Channels [0, n) of each pixel (C
-// elements apart) are visited. The ring holds R slots of E * nv vectors (sweep_columns); at stride 1, R - 1: the new
+// the vector's plan (K vectors), len its number of channels (of L per vector V). The vectors [v0, v1) of channels
+// [0, n) of each pixel (C elements apart) are visited (one strip: ring_row). The ring holds R slots of E * nv vectors
+// (sweep_columns); at stride 1, R - 1: the new
 // column overwrites the oldest one vector by vector, after reading it (a third less per-channel data to keep in L1:
 // 0.93-0.97x the time of R slots single-threaded for the fused backward). With ahead != 0 each new
 // column prefetches rows[R-1] `ahead` elements on (prefetch_ahead). Pointers are copied to
@@ -2884,6 +2885,10 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   chk = fin;
 }
 
+// The fused backward's data per vector of channels, one or two pixels per pass: plan 3 (CornerPicks), ring 4 (vert
+// and vd of two columns), sums 2.
+constexpr int64_t kFusedVectors = 9;
+
 template <typename T, typename A>
 bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<3, A>& p, int64_t C, int64_t W,
                         int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
@@ -2891,7 +2896,7 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
   constexpr int L = Vec<A>::L;
   const int64_t k0 = p.win.k0;
   FiniteCheck<A> chk;
-  const int64_t strip = strip_vectors(9 * static_cast<int64_t>(sizeof(V)));  // plan 3, ring 4, sums 2
+  const int64_t strip = strip_vectors(kFusedVectors * static_cast<int64_t>(sizeof(V)));
   for (int64_t b0 = 0; b0 < p.nv; b0 += strip) {  // channel strips [b0, b1) of vectors, the row once for each
     const int64_t b1 = std::min(p.nv, b0 + strip);
     for (int c = 0; c < 2; ++c) {  // the ring: vert, vd of columns k0 and k0 + 1
@@ -2932,8 +2937,8 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
 }
 
 // Whether the fused backward takes two pixels per pass (backward_row_pairs): at R = 3, where gx can be streamed
-// (T == A, whole vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, 9 vectors per
-// vector of channels (plan 3, ring 4, sums 2: 36 bytes per float channel), exceeds kPairBytes, three quarters of a
+// (T == A, whole vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, kFusedVectors per
+// vector of channels (36 bytes per float channel), exceeds kPairBytes, three quarters of a
 // 32 KB L1: shuffled A/B, kernels alone, two pixels / one: 0.76-0.90x at 768-1280 channels (0.9-38 MB), 0.95-1.03x
 // at 576, 1.18x at 384 (Zen 2, 32-byte vectors; twelfth session, ops_notes.md). With 64-byte vectors (AVX-512) always:
 // 0.73-0.91x at 96-576 channels, cached or not, on the Zen 5 of the fourteenth session (one shape, 32x96x32x32, 1.04x).
@@ -2944,7 +2949,7 @@ bool pairs_fit(const T* gx, int64_t C) {
   const int64_t nv = (C + Vec<A>::L - 1) / Vec<A>::L;
   return std::is_same<T, A>::value && (C * sizeof(T)) % kVecBytes == 0 &&
          reinterpret_cast<uintptr_t>(gx) % kVecBytes == 0 &&
-         9 * nv * static_cast<int64_t>(sizeof(V)) > kPairBytes;
+         kFusedVectors * nv * static_cast<int64_t>(sizeof(V)) > kPairBytes;
 }
 
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
