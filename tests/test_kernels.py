@@ -940,3 +940,37 @@ def test_vector_width_follows_the_cpu(kernels, monkeypatch):
     monkeypatch.setenv("FEWSHIFTS_VECTOR_BYTES", "16")
     with pytest.raises(ValueError, match="FEWSHIFTS_VECTOR_BYTES should be 32 or 64"):
         cpp.compile_flags()
+
+
+# Builds of the kernels that a machine does not use by default, by the environment that selects them.
+OTHER_BUILDS = {
+    "32-byte vectors": {"FEWSHIFTS_VECTOR_BYTES": "32"},
+    "generic vectors": {"FEWSHIFTS_NATIVE": "0"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", list(OTHER_BUILDS))
+def test_other_builds_pass_this_file(kernels, build):
+    """This file's other tests, in a child process, on a build of the kernels that this machine does not run by
+    default: 32-byte vectors where the default is 64 (an AVX-512 CPU; the AVX2 code most x86 CPUs run), and the
+    generic vector code of a build without -march=native (what a CPU without AVX2 gets). The child builds its own
+    module (named by source and flags, cached like the default one: about a minute the first time)."""
+    import subprocess
+    import sys
+
+    env = OTHER_BUILDS[build]
+    if build == "32-byte vectors" and kernels.vector_bytes() != 64:
+        pytest.skip("32-byte vectors are this machine's default build")
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "FEWSHIFTS_"))}
+    child.update(env, OMP_NUM_THREADS="1")  # one thread, as each xdist worker runs
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", __file__],
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, f"{build}:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, f"{build}: the child's build failed? {summary}"
