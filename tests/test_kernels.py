@@ -308,6 +308,24 @@ def test_integer_kernels_per_channel_shifts(kernels, stores, dtype, stride):
     assert torch.equal(kernels.shift_backward(grad, shifts, stride, 6, 7), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_selection_kernel_vector_counts(kernels, stores, dtype):
+    """The channels_last selection kernel (move_nhwc_pick) at stride 1 with shifts within one pixel keeps pixels of up
+    to 12 whole vectors in registers (8 without AVX-512: pick_row_registers) and its ring of columns in memory beyond
+    that: 1 to 13 vectors per pixel, with and without a partial last vector, ShiftNet's grouped and per-channel
+    shifts, forward and adjoint (the input gradient) against the reference, including the border rows and columns."""
+    lanes = kernels.vector_bytes() // dtype.itemsize
+    g = torch.Generator().manual_seed(5)
+    for vectors in range(1, 14):
+        for C in (vectors * lanes, vectors * lanes + 3):
+            for shifts in (fs.grouped_shifts(C), torch.randint(-1, 2, (C, 2), generator=g)):
+                x = torch.randn(2, C, 4, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+                out = kernels.shift_forward(x, shifts, 1)
+                assert torch.equal(out, reference.shift_forward(x, shifts, 1)), (C, shifts[:3])
+                ref = reference.shift_backward(x, shifts, 1, 4, 6)
+                assert torch.equal(kernels.shift_backward(x, shifts, 1, 4, 6), ref), (C, shifts[:3])
+
+
 @pytest.mark.parametrize("reach", [2, 3])
 @pytest.mark.parametrize("tail", [3, 0])
 @pytest.mark.parametrize("stride", [1, 2])

@@ -1120,7 +1120,8 @@ void ring_row(const T* const* rows, const V* plan, int64_t C, int64_t n, int64_t
 // ring. Pixels in memory order, all channels of one before the next: R sequential streams of source rows, which the
 // hardware prefetcher follows (move_nhwc_channels, a copy per channel, and move_nhwc_vec, masked vectors per
 // displacement, read rows and neighbouring pixels in turn). The bits are moved exactly; rows outside the image read
-// a zero row, columns outside it are zero in the ring. A partial last vector of channels is moved lane by lane.
+// a zero row, columns outside it are zero in the ring (in registers for small pixels at stride 1 and R = 3:
+// pick_row_registers). A partial last vector of channels is moved lane by lane.
 template <typename U>
 inline typename UVec<U>::V pick_bits(const typename UVec<U>::V& m, const typename UVec<U>::V& p,
                                      const typename UVec<U>::V& q) {  // q where m is all ones, else p
@@ -1140,8 +1141,10 @@ struct PickPlan {
   int64_t C, S, full, r0, k0;
   std::vector<int64_t> dy, dx;
   std::vector<VU> mask;  // [vector][2 ]: all ones where dy - r0 >= t (t = 1 .. R-1), then dx - k0 >= u
+  std::vector<VU> bits;  // [vector]: the masks as bits of each lane, t - 1 for row t and R - 2 + u for column u
   PickPlan(int64_t C_, int64_t S_, std::vector<int64_t> dy_, std::vector<int64_t> dx_)
-      : C(C_), S(S_), full(C_ / L), dy(std::move(dy_)), dx(std::move(dx_)), mask(full * 2 * (R - 1), VU{}) {
+      : C(C_), S(S_), full(C_ / L), dy(std::move(dy_)), dx(std::move(dx_)), mask(full * 2 * (R - 1), VU{}),
+        bits(full, VU{}) {
     r0 = *std::min_element(dy.begin(), dy.end());
     k0 = *std::min_element(dx.begin(), dx.end());
     for (int64_t c = 0; c < full * L; ++c) {
@@ -1149,6 +1152,8 @@ struct PickPlan {
       for (int t = 1; t < R; ++t) {
         d[(t - 1) * L] = dy[c] - r0 >= t ? ~U(0) : U(0);
         d[(R - 2 + t) * L] = dx[c] - k0 >= t ? ~U(0) : U(0);
+        if (dy[c] - r0 >= t) bits[c / L][c % L] |= U(1) << (t - 1);
+        if (dx[c] - k0 >= t) bits[c / L][c % L] |= U(1) << (R - 2 + t);
       }
     }
   }
@@ -1176,6 +1181,95 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
     put_vec<Stream>(reinterpret_cast<char*>(orow + j * C + v * L), &o);
   };
   ring_row<S, R, 1, K, 0, L, U, VU>(rows, p.mask.data(), C, p.full * L, p.k0, Ws, Wo, ahead, ring, column, output);
+}
+
+// pick_row at stride 1 and R = 3 (shifts within one pixel: ShiftNet's 3x3 groups, SSL's rounded shifts) for pixels
+// of at most kRegisterVectors full vectors: the two previous columns' picked rows stay in registers across the row,
+// and each vector's four lane masks come from one vector of bits (PickPlan::bits) by shifts. An output vector costs
+// its three row loads, the bits and one store, where pick_row's ring and masks make nine loads and two stores. Zen 5,
+// shuffled rounds, 3-13 MB: 0.76-0.93x pick_row's time at 64-128 float channels with 64-byte vectors, 0.83-0.98x at
+// 160-192 (10-12 vectors, the most that the 32 AVX-512 registers hold beside the loop's own); with AVX2's 16 registers
+// (a build without AVX-512) 0.74-0.88x at 32-64 (4-8 vectors). Pixels of more vectors keep the ring in memory
+// (strips of 8 vectors, each going through the row, ran 1.09-1.28x slower at 576-1152 channels). Extra loads of
+// other lines are what slows a loop on this machine (docs/benchmarks/ops_notes.md, fifteenth session).
+#ifdef __AVX512F__
+constexpr int kRegisterVectors = 12;
+#else
+constexpr int kRegisterVectors = 8;
+#endif
+
+template <typename U>
+inline typename UVec<U>::V bit_mask(const typename UVec<U>::V& bits, int k) {  // all ones where bit k is set
+  using S = std::make_signed_t<U>;
+  typedef S VS __attribute__((vector_size(kVecBytes)));
+  constexpr int top = 8 * sizeof(U) - 1;
+  return reinterpret_cast<typename UVec<U>::V>(reinterpret_cast<VS>(bits << (top - k)) >> top);
+}
+
+template <int NV, bool Stream, typename U>
+void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, int64_t C, int64_t k0, int64_t Ws,
+                        int64_t Wo, int64_t ahead, U* orow) {
+  using VU = typename UVec<U>::V;
+  constexpr int64_t L = kVecBytes / sizeof(U);
+  const U* r0 = rows[0];
+  const U* r1 = rows[1];
+  const U* r2 = rows[2];
+  auto column = [&](int64_t col, int v) {  // each lane's own row at column col
+    VU a, b, c;
+    std::memcpy(&a, r0 + col * C + v * L, sizeof(a));
+    std::memcpy(&b, r1 + col * C + v * L, sizeof(b));
+    std::memcpy(&c, r2 + col * C + v * L, sizeof(c));
+    const VU k = bits[v];
+    return pick_bits<U>(bit_mask<U>(k, 1), pick_bits<U>(bit_mask<U>(k, 0), a, b), c);
+  };
+  VU w0[NV], w1[NV];  // columns j + k0 and j + k0 + 1
+#pragma GCC unroll 12
+  for (int v = 0; v < NV; ++v) {
+    w0[v] = k0 >= 0 && k0 < Ws ? column(k0, v) : VU{};
+    w1[v] = k0 + 1 >= 0 && k0 + 1 < Ws ? column(k0 + 1, v) : VU{};
+  }
+  auto pass = [&](int64_t j, auto in) {
+    const int64_t col = j + k0 + 2;
+    U* o = orow + j * C;
+#pragma GCC unroll 12
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (decltype(in)::value)
+        if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(r2 + col * C + v * L + ahead);
+      const VU n = decltype(in)::value ? column(col, v) : VU{};
+      const VU k = bits[v];
+      const VU a = pick_bits<U>(bit_mask<U>(k, 3), pick_bits<U>(bit_mask<U>(k, 2), w0[v], w1[v]), n);
+      put_vec<Stream>(reinterpret_cast<char*>(o + v * L), &a);
+      w0[v] = w1[v], w1[v] = n;
+    }
+  };
+  for (int64_t j = 0; j < Wo; ++j) {
+    const int64_t col = j + k0 + 2;
+    col >= 0 && col < Ws ? pass(j, std::true_type{}) : pass(j, std::false_type{});
+  }
+}
+
+template <bool Stream, typename U>
+void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, int64_t nv, int64_t C, int64_t k0,
+                        int64_t Ws, int64_t Wo, int64_t ahead, U* orow) {
+  switch (nv) {
+    case 1: return pick_row_registers<1, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 2: return pick_row_registers<2, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 3: return pick_row_registers<3, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 4: return pick_row_registers<4, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 5: return pick_row_registers<5, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 6: return pick_row_registers<6, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 7: return pick_row_registers<7, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    case 8: return pick_row_registers<8, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+  }
+  if constexpr (kRegisterVectors > 8) {
+    switch (nv) {
+      case 9: return pick_row_registers<9, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+      case 10: return pick_row_registers<10, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+      case 11: return pick_row_registers<11, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+      case 12: return pick_row_registers<12, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
+    }
+  }
+  TORCH_CHECK(false, "fewshifts: pick_row_registers for ", nv, " vectors");
 }
 
 // Returns false (nothing done) where the conditions above do not hold.
@@ -1207,7 +1301,11 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
         const U* rows[R];
         window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
         U* orow = dst + q * m.Wd * C;
-        if (p.full > 0 && S == 1) pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
+        if (p.full > 0 && S == 1 && R == 3 && p.full <= kRegisterVectors) {
+          pick_row_registers<Stream>(rows, p.bits.data(), p.full, C, p.k0, m.Ws, m.Wd, ahead, orow);
+        } else if (p.full > 0 && S == 1) {
+          pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
+        }
         if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
         for (int64_t c = p.full * p.L; c < C; ++c) {  // the partial last vector
           const int64_t sr = i * S + dy[c];
