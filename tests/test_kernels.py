@@ -400,11 +400,13 @@ def test_channels_last_separable_two_pixel_passes(kernels, stores, dtype, offset
     """The channels_last bilinear forward and input gradient at stride 1 with every channel's corners in 3 rows and
     3 columns (shifts within a pixel of one integer `offset`) compute two output pixels per pass: odd and even widths,
     a last pixel without a partner, columns outside the image on either side or (offset 3 on narrow images) every
-    column of a pass, channel counts with a partial last vector, and 1000 channels, which the kernel takes in two
-    strips (kL1Bytes: a strip holds 768 floats, or 384 doubles, with 64- or 32-byte vectors alike) with the partial
-    vector in the second; ordinary and non-temporal stores."""
+    column of a pass, channel counts with a partial last vector, pixels of whole vectors that the kernel keeps in
+    registers (up to 10 vectors, 8 without AVX-512: sep_row_pairs_registers) and beyond, and 1000 channels, which the
+    kernel takes in two strips (kL1Bytes: a strip holds 768 floats, or 384 doubles, with 64- or 32-byte vectors
+    alike) with the partial vector in the second; ordinary and non-temporal stores."""
     g = torch.Generator().manual_seed(offset + 7)
     shapes = [(8, 3, 1), (13, 4, 2), (24, 2, 3), (5, 3, 4), (40, 3, 7), (16, 2, 8), (9, 5, 9), (1000, 3, 5)]
+    shapes += [(32, 3, 6), (96, 2, 5), (160, 3, 4), (176, 2, 3)]
     for channels, height, width in shapes:
         x = torch.randn(2, channels, height, width, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         real = torch.rand(channels, 2, generator=g) * 1.8 - 0.9 + offset

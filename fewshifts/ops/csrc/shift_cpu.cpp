@@ -61,6 +61,11 @@ namespace {
 
 constexpr int64_t kVecBytes = FEWSHIFTS_VECTOR_BYTES;
 constexpr int64_t kVectorsPerLine = 64 / kVecBytes;  // of a 64-byte cache line
+#ifdef __AVX512F__
+constexpr int kVectorRegisters = 32;  // zmm0-31 (and ymm0-31 with AVX-512VL)
+#else
+constexpr int kVectorRegisters = 16;
+#endif
 
 using at::Tensor;
 
@@ -1184,19 +1189,28 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
 }
 
 // pick_row at stride 1 and R = 3 (shifts within one pixel: ShiftNet's 3x3 groups, SSL's rounded shifts) for pixels
-// of at most kRegisterVectors full vectors: the two previous columns' picked rows stay in registers across the row,
+// of at most kPickRegisterVectors full vectors: the two previous columns' picked rows stay in registers across the row,
 // and each vector's four lane masks come from one vector of bits (PickPlan::bits) by shifts. An output vector costs
 // its three row loads, the bits and one store, where pick_row's ring and masks make nine loads and two stores. Zen 5,
-// shuffled rounds, 3-13 MB: 0.76-0.93x pick_row's time at 64-128 float channels with 64-byte vectors, 0.83-0.98x at
-// 160-192 (10-12 vectors, the most that the 32 AVX-512 registers hold beside the loop's own); with AVX2's 16 registers
-// (a build without AVX-512) 0.74-0.88x at 32-64 (4-8 vectors). Pixels of more vectors keep the ring in memory
+// shuffled rounds, 3-13 MB, 64-byte vectors: 0.72-0.93x pick_row's time at 96-192 float channels (6-12 vectors,
+// the most that the 32 AVX-512 registers hold beside the loop's own); with AVX2's 16 registers (a build without
+// AVX-512) 0.74-0.88x at 32-64 channels (4-8 vectors). Pixels of more vectors keep the ring in memory
 // (strips of 8 vectors, each going through the row, ran 1.09-1.28x slower at 576-1152 channels). Extra loads of
 // other lines are what slows a loop on this machine (docs/benchmarks/ops_notes.md, fifteenth session).
-#ifdef __AVX512F__
-constexpr int kRegisterVectors = 12;
-#else
-constexpr int kRegisterVectors = 8;
-#endif
+constexpr int kPickRegisterVectors = kVectorRegisters == 32 ? 12 : 8;
+
+// f(std::integral_constant<int, nv>) for nv in [1, Max]: the kernels that keep a pixel's vectors in registers are
+// instantiated per vector count.
+template <int Max, int K = 1, typename F>
+decltype(auto) with_vector_count(int64_t nv, const F& f) {
+  if constexpr (K < Max) {
+    if (nv == K) return f(std::integral_constant<int, K>{});
+    return with_vector_count<Max, K + 1>(nv, f);
+  } else {
+    TORCH_CHECK(nv == Max, "fewshifts: ", nv, " vectors for a kernel that holds at most ", Max, " in registers");
+    return f(std::integral_constant<int, Max>{});
+  }
+}
 
 template <typename U>
 inline typename UVec<U>::V bit_mask(const typename UVec<U>::V& bits, int k) {  // all ones where bit k is set
@@ -1248,29 +1262,6 @@ void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, i
   }
 }
 
-template <bool Stream, typename U>
-void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, int64_t nv, int64_t C, int64_t k0,
-                        int64_t Ws, int64_t Wo, int64_t ahead, U* orow) {
-  switch (nv) {
-    case 1: return pick_row_registers<1, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 2: return pick_row_registers<2, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 3: return pick_row_registers<3, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 4: return pick_row_registers<4, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 5: return pick_row_registers<5, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 6: return pick_row_registers<6, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 7: return pick_row_registers<7, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    case 8: return pick_row_registers<8, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-  }
-  if constexpr (kRegisterVectors > 8) {
-    switch (nv) {
-      case 9: return pick_row_registers<9, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-      case 10: return pick_row_registers<10, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-      case 11: return pick_row_registers<11, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-      case 12: return pick_row_registers<12, Stream>(rows, bits, C, k0, Ws, Wo, ahead, orow);
-    }
-  }
-  TORCH_CHECK(false, "fewshifts: pick_row_registers for ", nv, " vectors");
-}
 
 // Returns false (nothing done) where the conditions above do not hold.
 template <typename U>
@@ -1301,8 +1292,10 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
         const U* rows[R];
         window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
         U* orow = dst + q * m.Wd * C;
-        if (p.full > 0 && S == 1 && R == 3 && p.full <= kRegisterVectors) {
-          pick_row_registers<Stream>(rows, p.bits.data(), p.full, C, p.k0, m.Ws, m.Wd, ahead, orow);
+        if (p.full > 0 && S == 1 && R == 3 && p.full <= kPickRegisterVectors) {
+          with_vector_count<kPickRegisterVectors>(p.full, [&](auto nv) {
+            pick_row_registers<decltype(nv)::value, Stream>(rows, p.bits.data(), C, p.k0, m.Ws, m.Wd, ahead, orow);
+          });
         } else if (p.full > 0 && S == 1) {
           pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
         }
@@ -2727,6 +2720,80 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
   return chk.finite();
 }
 
+// sep_row_pairs for pixels of at most kSeparableRegisterVectors whole vectors: the ring's two vertical sums per vector
+// stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores them for every pair
+// of pixels; the same operations in the same order. Zen 5, shuffled rounds, the forward: 0.71-0.90x sep_row_pairs'
+// time at 64-160 float channels (4-10 vectors), 0.81-0.96x at 176 and 0.96-1.09x at 192 (11-12 vectors: the
+// vertical sums, weights and temporaries outgrow the 32 registers); built without AVX-512 (16 registers), 0.76-0.91x
+// at 4-8 vectors.
+constexpr int kSeparableRegisterVectors = kVectorRegisters == 32 ? 10 : 8;
+
+template <int NV, bool Stream, typename T, typename A>
+bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, int64_t C, int64_t Ws, int64_t Wo,
+                             int64_t ahead, T* orow) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
+  const int64_t k0 = p.win.k0;
+  const V* plan = p.k.data();
+  const T* s0 = rows[0];
+  const T* s1 = rows[1];
+  const T* s2 = rows[2];
+  FiniteCheck<A> fin;
+  auto vertical = [&](const V* k, int64_t at) {  // as sep_pair_pass's, term by term
+    V a = k[0] * vload<true, A>(s0 + at, L);
+    a += k[1] * vload<true, A>(s1 + at, L);
+    a += k[2] * vload<true, A>(s2 + at, L);
+    return a;
+  };
+  auto put = [&](T* d, const V* k, const V& w0, const V& w1, const V& w2) {
+    V a = k[3] * w0;
+    a += k[4] * w1;
+    a += k[5] * w2;
+    fin.add(a);
+    if constexpr (std::is_same<T, A>::value) {
+      put_vec<Stream>(reinterpret_cast<char*>(d), &a);
+    } else {
+      vstore<true, A>(d, a, L);
+    }
+  };
+  V r0[NV], r1[NV];  // vertical sums of columns j + k0 and j + k0 + 1
+#pragma GCC unroll 12
+  for (int v = 0; v < NV; ++v) {
+    r0[v] = k0 >= 0 && k0 < Ws ? vertical(plan + v * K, k0 * C + v * L) : V{};
+    r1[v] = k0 + 1 >= 0 && k0 + 1 < Ws ? vertical(plan + v * K, (k0 + 1) * C + v * L) : V{};
+  }
+  auto pass = [&](int64_t j, auto i1, auto i2, auto tw) {
+    constexpr bool In1 = decltype(i1)::value, In2 = decltype(i2)::value, Two = decltype(tw)::value;
+    const int64_t c1 = j + k0 + 2;
+    T* o = orow + j * C;
+#pragma GCC unroll 12
+    for (int v = 0; v < NV; ++v) {
+      const V* k = plan + v * K;
+      const int64_t e = c1 * C + v * L;
+      if (ahead != 0 && (In1 || In2) && v % kVectorsPerLine == 0)
+        __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
+      const V n1 = In1 ? vertical(k, e) : V{}, n2 = In2 ? vertical(k, e + C) : V{};
+      put(o + v * L, k, r0[v], r1[v], n1);
+      if (Two) put(o + C + v * L, k, r1[v], n1, n2);
+      r0[v] = n1, r1[v] = n2;
+    }
+  };
+  using Y = std::true_type;
+  using N = std::false_type;
+  for (int64_t j = 0; j < Wo; j += 2) {
+    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
+    if (!two) {
+      in1 ? pass(j, Y{}, N{}, N{}) : pass(j, N{}, N{}, N{});
+    } else if (in1) {
+      in2 ? pass(j, Y{}, Y{}, Y{}) : pass(j, Y{}, N{}, Y{});
+    } else {
+      in2 ? pass(j, N{}, Y{}, Y{}) : pass(j, N{}, N{}, Y{});
+    }
+  }
+  return fin.finite();
+}
+
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
 template <int S, typename T, typename A>
 bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, int64_t Ws, int64_t Ho, int64_t Wo,
@@ -2737,6 +2804,7 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
   return with_window(win, [&](auto r) {
     constexpr int R = decltype(r)::value;
     const TapWeights<R, A> p(q, C, sign);
+    const bool registers = S == 1 && R == 3 && C % Vec<A>::L == 0 && p.nv <= kSeparableRegisterVectors;
     const std::vector<T> zero_row(Ws * C, T(0));
     const RowBlocks rb(N, Ho);
     parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
@@ -2752,8 +2820,16 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
           V* rg = ring.data();
           bool finite;
           if constexpr (S == 1 && R == 3) {
-            finite = stream ? sep_row_pairs<true>(rows, p, C, Ws, Wo, ahead, orow, rg)
-                            : sep_row_pairs<false>(rows, p, C, Ws, Wo, ahead, orow, rg);
+            if (registers) {
+              finite = with_vector_count<kSeparableRegisterVectors>(p.nv, [&](auto nv) {
+                constexpr int NV = decltype(nv)::value;
+                return stream ? sep_row_pairs_registers<NV, true>(rows, p, C, Ws, Wo, ahead, orow)
+                              : sep_row_pairs_registers<NV, false>(rows, p, C, Ws, Wo, ahead, orow);
+              });
+            } else {
+              finite = stream ? sep_row_pairs<true>(rows, p, C, Ws, Wo, ahead, orow, rg)
+                              : sep_row_pairs<false>(rows, p, C, Ws, Wo, ahead, orow, rg);
+            }
           } else {
             finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
                             : sep_row<S, R, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
