@@ -441,22 +441,26 @@ def test_bilinear_non_finite_like_reference(kernels, plane_form, layout):
     torch.testing.assert_close(gs, ref_gs, equal_nan=True, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels", [24, 32])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("reach", [1.0, 2.0])
-def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stride, reach):
+@pytest.mark.parametrize("reach", [0.9, 1.0, 2.0])
+def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stride, reach, channels):
     """channels_last kernels that weigh all taps of a window per channel (the separable forward and input gradient for
     shifts within a pixel, the separable shift gradient within two): a channel's 0 * inf at taps it does not use is
-    recomputed from its own corners, so inf/nan land where the reference puts them."""
+    recomputed from its own corners, so inf/nan land where the reference puts them. At reach 0.9 every channel's
+    corners lie in 3 rows and columns (the two-pixel passes at stride 1; for whole vectors, 32 channels, or 24 with
+    32-byte vectors, with the ring in registers: sep_row_pairs_registers); at 1.0 the integral shifts of +-1 widen
+    the window to 5."""
     g = torch.Generator().manual_seed(int(reach * 10) + stride)
-    x = torch.randn(2, 24, 7, 9, generator=g)
+    x = torch.randn(2, channels, 7, 9, generator=g)
     x[0, :, 3, 4] = float("inf")
     x[1, :5, 0, 8] = float("nan")
     x[1, 5:, 6, 0] = -float("inf")
     x = x.contiguous(memory_format=torch.channels_last)
-    real = (torch.rand(24, 2, generator=g) * 2 - 1) * reach
-    real[:6] = torch.round(real[:6])  # integral: corner weights 0
+    real = (torch.rand(channels, 2, generator=g) * 2 - 1) * reach
+    real[:6] = torch.round(real[:6]) if reach >= 1 else torch.trunc(real[:6])  # integral: corner weights 0
     Ho, Wo = reference.output_size(7, stride), reference.output_size(9, stride)
-    grad = torch.randn(2, 24, Ho, Wo, generator=g)
+    grad = torch.randn(2, channels, Ho, Wo, generator=g)
     grad[0, 7, 1, 2] = float("nan")
     grad[1, 3, 2, 3] = float("inf")  # inf - inf in a difference of the fused backward's g: nan, where the input
     grad[1, 9, 0, 0] = -float("inf")  # gradient's sum has inf
