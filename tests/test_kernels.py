@@ -611,13 +611,19 @@ def test_channels_last_one_pass_backward_matches_reference(kernels, dtype, reach
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize(("dtype", "channels"), [(torch.float32, 768), (torch.float64, 384)], ids=str)
+TWO_PIXEL_BACKWARD = [(torch.float32, 768), (torch.float64, 384), (torch.float32, 32), (torch.float32, 48),
+                      (torch.float32, 64), (torch.float64, 16)]
+
+
+@pytest.mark.parametrize(("dtype", "channels"), TWO_PIXEL_BACKWARD, ids=str)
 @pytest.mark.parametrize("offset", [0, 1, -2])
 def test_channels_last_one_pass_backward_two_pixel_passes(kernels, dtype, channels, offset):
     """Where the fused channels_last backward's per-channel data exceeds L1 (768 float or 384 double channels, corners
-    in 3 rows and columns) it takes two pixels per pass and streams gx, in two strips of channels (kL1Bytes): odd and
-    even widths, a last pixel without a partner, columns outside the image, inf/nan recomputed as the reference does;
-    the same results on one thread."""
+    in 3 rows and columns) it takes two pixels per pass and streams gx, in two strips of channels (kL1Bytes); with
+    64-byte vectors it does so at any channel count, and pixels of up to 3 whole vectors (32 and 48 floats, 16
+    doubles; not 64 floats) keep the pass's ring and sums in registers (backward_row_pairs_registers). Odd and even
+    widths, a last pixel without a partner, columns outside the image, inf/nan recomputed as the reference does; the
+    same results on one thread."""
     g = torch.Generator().manual_seed(channels + offset)
     for n, height, width in [(1, 3, 1), (2, 4, 2), (1, 2, 5), (1, 5, 8), (2, 3, 9)]:
         x = torch.randn(n, channels, height, width, generator=g).to(dtype)

@@ -1192,15 +1192,16 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
 // of at most kPickRegisterVectors full vectors: the two previous columns' picked rows stay in registers across the row,
 // and each vector's four lane masks come from one vector of bits (PickPlan::bits) by shifts. An output vector costs
 // its three row loads, the bits and one store, where pick_row's ring and masks make nine loads and two stores. Zen 5,
-// shuffled rounds, 3-13 MB, 64-byte vectors: 0.72-0.93x pick_row's time at 96-192 float channels (6-12 vectors,
-// the most that the 32 AVX-512 registers hold beside the loop's own); with AVX2's 16 registers (a build without
-// AVX-512) 0.74-0.88x at 32-64 channels (4-8 vectors). Pixels of more vectors keep the ring in memory
-// (strips of 8 vectors, each going through the row, ran 1.09-1.28x slower at 576-1152 channels). Extra loads of
-// other lines are what slows a loop on this machine (docs/benchmarks/ops_notes.md, fifteenth session).
+// shuffled rounds, 1-13 MB, one build with either path: 0.51-0.80x pick_row's time at 32-192 float channels (2-12
+// vectors, the most that the 32 AVX-512 registers hold beside the loop's own); with AVX2's 16 registers (a build
+// without AVX-512, before flatten) 0.74-0.88x at 32-64 channels (4-8 vectors). Pixels of more vectors keep the ring
+// in memory (strips of 8 vectors, each going through the row, ran 1.09-1.28x slower at 576-1152 channels). Extra
+// loads of other lines are what slows a loop on this machine (docs/benchmarks/ops_notes.md, fifteenth session).
 constexpr int kPickRegisterVectors = kVectorRegisters == 32 ? 12 : 8;
 
 // f(std::integral_constant<int, nv>) for nv in [1, Max]: the kernels that keep a pixel's vectors in registers are
-// instantiated per vector count.
+// instantiated per vector count. They are compiled with every call inlined (flatten): a lambda left out of line
+// would take the arrays it captures by reference, and with them the ring, to memory.
 template <int Max, int K = 1, typename F>
 decltype(auto) with_vector_count(int64_t nv, const F& f) {
   if constexpr (K < Max) {
@@ -1221,6 +1222,7 @@ inline typename UVec<U>::V bit_mask(const typename UVec<U>::V& bits, int k) {  /
 }
 
 template <int NV, bool Stream, typename U>
+__attribute__((flatten))  // with_vector_count: the lambdas inlined
 void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, int64_t C, int64_t k0, int64_t Ws,
                         int64_t Wo, int64_t ahead, U* orow) {
   using VU = typename UVec<U>::V;
@@ -2720,15 +2722,36 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
   return chk.finite();
 }
 
+// The row loop of the two-pixel register kernels: pass(j, In1, In2, Two) for j = 0, 2, ... below Wo, where the pass
+// brings the source columns c1 = j + k0 + 2 and c2 = c1 + 1 (In1, In2: inside the image, else their values are 0)
+// and Two says that j + 1 is an output too (std::bool_constant arguments: one instantiation of the pass each).
+template <typename Pass>
+inline void for_pixel_pairs(int64_t k0, int64_t Ws, int64_t Wo, const Pass& pass) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  for (int64_t j = 0; j < Wo; j += 2) {
+    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
+    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
+    if (!two) {
+      in1 ? pass(j, Y{}, N{}, N{}) : pass(j, N{}, N{}, N{});
+    } else if (in1) {
+      in2 ? pass(j, Y{}, Y{}, Y{}) : pass(j, Y{}, N{}, Y{});
+    } else {
+      in2 ? pass(j, N{}, Y{}, Y{}) : pass(j, N{}, N{}, Y{});
+    }
+  }
+}
+
 // sep_row_pairs for pixels of at most kSeparableRegisterVectors whole vectors: the ring's two vertical sums per vector
 // stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores them for every pair
-// of pixels; the same operations in the same order. Zen 5, shuffled rounds, the forward: 0.71-0.90x sep_row_pairs'
-// time at 64-160 float channels (4-10 vectors), 0.81-0.96x at 176 and 0.96-1.09x at 192 (11-12 vectors: the
-// vertical sums, weights and temporaries outgrow the 32 registers); built without AVX-512 (16 registers), 0.76-0.91x
-// at 4-8 vectors.
+// of pixels; the same operations in the same order. Zen 5, shuffled rounds, one build with either path, the forward:
+// 0.50-0.81x sep_row_pairs' time at 16-160 float channels (1-10 vectors); before flatten, 0.81-0.96x at 176 and
+// 0.96-1.09x at 192 (11-12 vectors: the vertical sums, weights and temporaries outgrow the 32 registers), and built
+// without AVX-512 (16 registers) 0.76-0.91x at 4-8 vectors.
 constexpr int kSeparableRegisterVectors = kVectorRegisters == 32 ? 10 : 8;
 
 template <int NV, bool Stream, typename T, typename A>
+__attribute__((flatten))  // with_vector_count: the lambdas inlined
 bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, int64_t C, int64_t Ws, int64_t Wo,
                              int64_t ahead, T* orow) {
   using V = typename Vec<A>::V;
@@ -2778,19 +2801,7 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
       r0[v] = n1, r1[v] = n2;
     }
   };
-  using Y = std::true_type;
-  using N = std::false_type;
-  for (int64_t j = 0; j < Wo; j += 2) {
-    const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
-    const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
-    if (!two) {
-      in1 ? pass(j, Y{}, N{}, N{}) : pass(j, N{}, N{}, N{});
-    } else if (in1) {
-      in2 ? pass(j, Y{}, Y{}, Y{}) : pass(j, Y{}, N{}, Y{});
-    } else {
-      in2 ? pass(j, N{}, Y{}, Y{}) : pass(j, N{}, N{}, Y{});
-    }
-  }
+  for_pixel_pairs(k0, Ws, Wo, pass);
   return fin.finite();
 }
 
@@ -3062,6 +3073,7 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
 // The fused backward's data per vector of channels, one or two pixels per pass: plan 3 (CornerPicks), ring 4 (vert
 // and vd of two columns), sums 2.
 constexpr int64_t kFusedVectors = 9;
+constexpr int kFusedRegisterVectors = kVecBytes == 64 ? 3 : 0;
 
 template <typename T, typename A>
 bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<3, A>& p, int64_t C, int64_t W,
@@ -3110,6 +3122,72 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
   return chk.finite();
 }
 
+// backward_row_pairs for pixels of at most kFusedRegisterVectors whole vectors: each vector's ring (vert and vd of
+// the last two columns) and its two shift-gradient sums stay in registers across the row, where backward_pair_pass
+// loads and stores them for every pair of pixels; the same operations in the same order (bit-identical results).
+// Zen 5, shuffled rounds, one build with either path: 0.81-0.85x backward_row_pairs' time at 16-32 float channels
+// (1-2 vectors), 0.88x at 48; 0.94-1.01x at 64 (three shapes) and 0.98-1.02x at 80-96 (6 registers per vector of
+// channels). Only with 64-byte vectors, where small pixels take the two-pixel pass at all (pairs_fit).
+template <int NV, typename T, typename A>
+__attribute__((flatten))  // with_vector_count: the lambdas inlined
+bool backward_row_pairs_registers(const T* const* grows, const T* xrow, const CornerPicks<3, A>& p, int64_t C,
+                                  int64_t W, int64_t ahead, T* gxrow, typename Vec<A>::V* acc) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L, K = CornerPicks<3, A>::K;
+  const int64_t k0 = p.win.k0;
+  const V* plan = p.k.data();
+  const T* s0 = grows[0];
+  const T* s1 = grows[1];
+  const T* s2 = grows[2];
+  FiniteCheck<A> fin;
+  auto column = [&](const V* k, int64_t at, V& vert, V& vd) {
+    const V y[3] = {vload<true, A>(s0 + at, L), vload<true, A>(s1 + at, L), vload<true, A>(s2 + at, L)};
+    g_column<3, A>(k, y, vert, vd);
+  };
+  V vt0[NV], vt1[NV], vd0[NV], vd1[NV], sy[NV], sx[NV];  // the ring: columns j + k0 and j + k0 + 1
+#pragma GCC unroll 12
+  for (int v = 0; v < NV; ++v) {
+    const V* k = plan + v * K;
+    vt0[v] = vd0[v] = vt1[v] = vd1[v] = V{};
+    if (k0 >= 0 && k0 < W) column(k, k0 * C + v * L, vt0[v], vd0[v]);
+    if (k0 + 1 >= 0 && k0 + 1 < W) column(k, (k0 + 1) * C + v * L, vt1[v], vd1[v]);
+    sy[v] = acc[2 * v], sx[v] = acc[2 * v + 1];
+  }
+  auto pass = [&](int64_t j, auto i1, auto i2, auto tw) {
+    constexpr bool In1 = decltype(i1)::value, In2 = decltype(i2)::value, Two = decltype(tw)::value;
+    const int64_t c1 = j + k0 + 2;
+    const T* xp = xrow + j * C;
+    T* o = gxrow + j * C;
+#pragma GCC unroll 12
+    for (int v = 0; v < NV; ++v) {
+      const V* k = plan + v * K;
+      const int64_t e = v * L, at = c1 * C + e;
+      if (ahead != 0 && v % kVectorsPerLine == 0) {
+        if constexpr (In1 || In2) __builtin_prefetch(s2 + at + ahead), __builtin_prefetch(s2 + at + C + ahead);
+        __builtin_prefetch(xp + e + ahead), __builtin_prefetch(xp + e + C + ahead);
+      }
+      const V x0 = vload<true, A>(xp + e, L), x1 = Two ? vload<true, A>(xp + C + e, L) : V{};
+      V vt[4] = {vt0[v], vt1[v], V{}, V{}}, vd[4] = {vd0[v], vd1[v], V{}, V{}};
+      if (In1) column(k, at, vt[2], vd[2]);
+      if (In2) column(k, at + C, vt[3], vd[3]);
+      V gv = g_output<3, A>(k, vt, vd, x0, sy[v], sx[v]);
+      fin.add(gv);
+      put_vec<true>(reinterpret_cast<char*>(o + e), &gv);
+      if (Two) {
+        gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy[v], sx[v]);
+        fin.add(gv);
+        put_vec<true>(reinterpret_cast<char*>(o + C + e), &gv);
+      }
+      vt0[v] = vt[2], vd0[v] = vd[2], vt1[v] = vt[3], vd1[v] = vd[3];
+    }
+  };
+  for_pixel_pairs(k0, W, W, pass);
+#pragma GCC unroll 12
+  for (int v = 0; v < NV; ++v) acc[2 * v] = sy[v], acc[2 * v + 1] = sx[v];
+  stream_fence<true>();
+  return fin.finite();
+}
+
 // Whether the fused backward takes two pixels per pass (backward_row_pairs): at R = 3, where gx can be streamed
 // (T == A, whole vectors per pixel, gx aligned) and the one-pixel pass's per-channel data, kFusedVectors per
 // vector of channels (36 bytes per float channel), exceeds kPairBytes, three quarters of a
@@ -3132,6 +3210,7 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
                          const Bilinear<A>& q, double* out) {
   const Window<A> win(q, C, -1);
   const bool pairs = pairs_fit<T, A>(gx, C);
+  const bool registers = pairs && (C + Vec<A>::L - 1) / Vec<A>::L <= kFusedRegisterVectors;
   return with_window(win, [&](auto r) {
     constexpr int R = decltype(r)::value;
     using V = typename Vec<A>::V;
@@ -3148,8 +3227,17 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
         const T* xrow = x + (n * H + i) * W * C;
         bool finite;
         if constexpr (R == 3) {
-          finite = pairs ? backward_row_pairs(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums)
-                         : backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
+          if constexpr (kFusedRegisterVectors > 0) {
+            if (registers) {
+              finite = with_vector_count<kFusedRegisterVectors>(p.nv, [&](auto nv) {
+                return backward_row_pairs_registers<decltype(nv)::value>(rows, xrow, p, C, W, ahead, gxrow, sums);
+              });
+            }
+          }
+          if (!registers) {
+            finite = pairs ? backward_row_pairs(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums)
+                           : backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
+          }
         } else {
           finite = backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
         }
