@@ -1264,7 +1264,6 @@ void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, i
   }
 }
 
-
 // Returns false (nothing done) where the conditions above do not hold.
 template <typename U>
 bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
@@ -2629,6 +2628,44 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
 // side per vector. src[t] is source row t at column c1 (at c2 without In1). Vectors [v0, v1), of len lanes. With
 // ahead != 0 the newest row is prefetched for both columns, once per line (prefetching column c1 only, once per
 // vector, left every other pixel to the hardware: 0.89-1.0x with both, on outputs of 25-75 MB; twelfth session).
+// The separable forward's vertical sum of one vector of channels at offset at of the rows s0-s2 (TapWeights k: its
+// row weights), term by term as sep_row
+template <bool Full, typename T, typename A>
+inline typename Vec<A>::V sep_vertical(const T* s0, const T* s1, const T* s2, int64_t at, const typename Vec<A>::V* k,
+                                       int64_t len) {
+  typename Vec<A>::V a = k[0] * vload<Full, A>(s0 + at, len);
+  a += k[1] * vload<Full, A>(s1 + at, len);
+  a += k[2] * vload<Full, A>(s2 + at, len);
+  return a;
+}
+
+// One vector of channels of the separable forward's two-pixel pass (sep_pair_pass, sep_row_pairs_registers): the
+// vertical sums n1, n2 of the new columns (at and at + second; 0 unless In1 / In2), output j at o and, with Two,
+// j + 1 at o + C from the window's sums w0, w1, n1, n2 (TapWeights k: its column weights), term by term as sep_row;
+// then the window moves on: w0, w1 = n1, n2.
+template <bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
+inline void sep_pair_vector(const T* s0, const T* s1, const T* s2, int64_t at, int64_t second,
+                            const typename Vec<A>::V* k, int64_t len, int64_t C, T* o, typename Vec<A>::V& w0,
+                            typename Vec<A>::V& w1, FiniteCheck<A>& fin) {
+  using V = typename Vec<A>::V;
+  auto put = [&](T* d, const V& u0, const V& u1, const V& u2) {
+    V a = k[3] * u0;
+    a += k[4] * u1;
+    a += k[5] * u2;
+    fin.add(a);
+    if (Full && std::is_same<T, A>::value) {
+      put_vec<Stream>(reinterpret_cast<char*>(d), &a);
+    } else {
+      vstore<Full, A>(d, a, len);
+    }
+  };
+  const V n1 = In1 ? sep_vertical<Full, T, A>(s0, s1, s2, at, k, len) : V{};
+  const V n2 = In2 ? sep_vertical<Full, T, A>(s0, s1, s2, at + second, k, len) : V{};
+  put(o, w0, w1, n1);
+  if (Two) put(o + C, w1, n1, n2);
+  w0 = n1, w1 = n2;
+}
+
 template <bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
 inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, int64_t C, int64_t v0, int64_t v1,
                           int64_t len, int64_t ahead, typename Vec<A>::V* ring, T* o, FiniteCheck<A>& chk) {
@@ -2640,33 +2677,13 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
   const int64_t second = In1 ? C : 0;  // column c2's offset from src
   FiniteCheck<A> fin = chk;  // a local (as in backward_pair_pass)
   for (int64_t v = v0; v < v1; ++v) {
-    const V* k = plan + v * K;
     const int64_t e = v * L;
     if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
       __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
-    auto vertical = [&](int64_t at) {  // as sep_row's, term by term
-      V a = k[0] * vload<Full, A>(s0 + at, len);
-      a += k[1] * vload<Full, A>(s1 + at, len);
-      a += k[2] * vload<Full, A>(s2 + at, len);
-      return a;
-    };
-    auto put = [&](T* d, const V& w0, const V& w1, const V& w2) {
-      V a = k[3] * w0;
-      a += k[4] * w1;
-      a += k[5] * w2;
-      fin.add(a);
-      if (Full && std::is_same<T, A>::value) {
-        put_vec<Stream>(reinterpret_cast<char*>(d), &a);
-      } else {
-        vstore<Full, A>(d, a, len);
-      }
-    };
-    const V n1 = In1 ? vertical(e) : V{}, n2 = In2 ? vertical(e + second) : V{};
     V* r = ring + 2 * v;
-    const V w0 = r[0], w1 = r[1];
-    r[0] = n1, r[1] = n2;
-    put(o + e, w0, w1, n1);
-    if (Two) put(o + C + e, w1, n1, n2);
+    V w0 = r[0], w1 = r[1];
+    sep_pair_vector<Stream, In1, In2, Two, Full>(s0, s1, s2, e, second, plan + v * K, len, C, o + e, w0, w1, fin);
+    r[0] = w0, r[1] = w1;
   }
   chk = fin;
 }
@@ -2688,12 +2705,10 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
       for (int64_t v = b0; v < b1; ++v) {
         const int64_t len = v < full ? L : tail;
         const V* k = plan + v * K;
-        V a{};
-        if (col >= 0 && col < Ws) {
-          a = k[0] * vload_n<A>(rows[0] + col * C + v * L, len);
-          for (int t = 1; t < 3; ++t) a += k[t] * vload_n<A>(rows[t] + col * C + v * L, len);
-        }
-        ring[2 * v + c] = a;
+        const int64_t at = col * C + v * L;
+        ring[2 * v + c] = col < 0 || col >= Ws ? V{}
+                          : len == L         ? sep_vertical<true, T, A>(rows[0], rows[1], rows[2], at, k, len)
+                                             : sep_vertical<false, T, A>(rows[0], rows[1], rows[2], at, k, len);
       }
     }
     for (int64_t j = 0; j < Wo; j += 2) {
@@ -2744,7 +2759,7 @@ inline void for_pixel_pairs(int64_t k0, int64_t Ws, int64_t Wo, const Pass& pass
 
 // sep_row_pairs for pixels of at most kSeparableRegisterVectors whole vectors: the ring's two vertical sums per vector
 // stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores them for every pair
-// of pixels; the same operations in the same order. Zen 5, shuffled rounds, one build with either path, the forward:
+// of pixels; both take each vector's step from sep_pair_vector. Zen 5, shuffled rounds, one build with either path, the forward:
 // 0.50-0.81x sep_row_pairs' time at 16-160 float channels (1-10 vectors); before flatten, 0.81-0.96x at 176 and
 // 0.96-1.09x at 192 (11-12 vectors: the vertical sums, weights and temporaries outgrow the 32 registers), and built
 // without AVX-512 (16 registers) 0.76-0.91x at 4-8 vectors.
@@ -2762,28 +2777,12 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
   const T* s1 = rows[1];
   const T* s2 = rows[2];
   FiniteCheck<A> fin;
-  auto vertical = [&](const V* k, int64_t at) {  // as sep_pair_pass's, term by term
-    V a = k[0] * vload<true, A>(s0 + at, L);
-    a += k[1] * vload<true, A>(s1 + at, L);
-    a += k[2] * vload<true, A>(s2 + at, L);
-    return a;
-  };
-  auto put = [&](T* d, const V* k, const V& w0, const V& w1, const V& w2) {
-    V a = k[3] * w0;
-    a += k[4] * w1;
-    a += k[5] * w2;
-    fin.add(a);
-    if constexpr (std::is_same<T, A>::value) {
-      put_vec<Stream>(reinterpret_cast<char*>(d), &a);
-    } else {
-      vstore<true, A>(d, a, L);
-    }
-  };
   V r0[NV], r1[NV];  // vertical sums of columns j + k0 and j + k0 + 1
 #pragma GCC unroll 12
   for (int v = 0; v < NV; ++v) {
-    r0[v] = k0 >= 0 && k0 < Ws ? vertical(plan + v * K, k0 * C + v * L) : V{};
-    r1[v] = k0 + 1 >= 0 && k0 + 1 < Ws ? vertical(plan + v * K, (k0 + 1) * C + v * L) : V{};
+    const V* k = plan + v * K;
+    r0[v] = k0 >= 0 && k0 < Ws ? sep_vertical<true, T, A>(s0, s1, s2, k0 * C + v * L, k, L) : V{};
+    r1[v] = k0 + 1 >= 0 && k0 + 1 < Ws ? sep_vertical<true, T, A>(s0, s1, s2, (k0 + 1) * C + v * L, k, L) : V{};
   }
   auto pass = [&](int64_t j, auto i1, auto i2, auto tw) {
     constexpr bool In1 = decltype(i1)::value, In2 = decltype(i2)::value, Two = decltype(tw)::value;
@@ -2791,14 +2790,10 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
     T* o = orow + j * C;
 #pragma GCC unroll 12
     for (int v = 0; v < NV; ++v) {
-      const V* k = plan + v * K;
       const int64_t e = c1 * C + v * L;
       if (ahead != 0 && (In1 || In2) && v % kVectorsPerLine == 0)
         __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
-      const V n1 = In1 ? vertical(k, e) : V{}, n2 = In2 ? vertical(k, e + C) : V{};
-      put(o + v * L, k, r0[v], r1[v], n1);
-      if (Two) put(o + C + v * L, k, r1[v], n1, n2);
-      r0[v] = n1, r1[v] = n2;
+      sep_pair_vector<Stream, In1, In2, Two, true>(s0, s1, s2, e, C, plan + v * K, L, C, o + v * L, r0[v], r1[v], fin);
     }
   };
   for_pixel_pairs(k0, Ws, Wo, pass);
@@ -3027,6 +3022,41 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
 // data exceeds L1). Vectors [0, C / L), all full. Its row loop repeats sep_row_pairs': one loop for both, the passes
 // called through a generic lambda with the row pointers as arguments, ran the forward 1.02-1.14x and this backward
 // 1.03-1.11x slower (twelfth session).
+// vert and vd of g for one whole vector of channels at offset at of the rows s0-s2 (g_column)
+template <typename T, typename A>
+inline void g_column_at(const T* s0, const T* s1, const T* s2, int64_t at, const typename Vec<A>::V* k,
+                        typename Vec<A>::V& vert, typename Vec<A>::V& vd) {
+  const typename Vec<A>::V y[3] = {vload<true, A>(s0 + at, Vec<A>::L), vload<true, A>(s1 + at, Vec<A>::L),
+                                   vload<true, A>(s2 + at, Vec<A>::L)};
+  g_column<3, A>(k, y, vert, vd);
+}
+
+// One vector of channels of the fused backward's two-pixel pass (backward_pair_pass, backward_row_pairs_registers):
+// vert and vd of g's new columns (at and at + second; 0 unless In1 / In2), then gx of pixel j at o and, with Two, of
+// j + 1 at o + C (streamed) from x at xp and xp + C, adding to the sums sy, sx; the window (vert, vd of its two older
+// columns: v0, d0, v1, d1) moves on to the new ones.
+template <bool In1, bool In2, bool Two, typename T, typename A>
+inline void backward_pair_vector(const T* s0, const T* s1, const T* s2, int64_t at, int64_t second, const T* xp,
+                                 const typename Vec<A>::V* k, int64_t C, T* o, typename Vec<A>::V& v0,
+                                 typename Vec<A>::V& d0, typename Vec<A>::V& v1, typename Vec<A>::V& d1,
+                                 typename Vec<A>::V& sy, typename Vec<A>::V& sx, FiniteCheck<A>& fin) {
+  using V = typename Vec<A>::V;
+  constexpr int L = Vec<A>::L;
+  const V x0 = vload<true, A>(xp, L), x1 = Two ? vload<true, A>(xp + C, L) : V{};
+  V vt[4] = {v0, v1, V{}, V{}}, vd[4] = {d0, d1, V{}, V{}};
+  if (In1) g_column_at<T, A>(s0, s1, s2, at, k, vt[2], vd[2]);
+  if (In2) g_column_at<T, A>(s0, s1, s2, at + second, k, vt[3], vd[3]);
+  V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
+  fin.add(gv);
+  put_vec<true>(reinterpret_cast<char*>(o), &gv);
+  if (Two) {
+    gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy, sx);
+    fin.add(gv);
+    put_vec<true>(reinterpret_cast<char*>(o + C), &gv);
+  }
+  v0 = vt[2], d0 = vd[2], v1 = vt[3], d1 = vd[3];
+}
+
 template <bool In1, bool In2, bool Two, typename T, typename A>
 inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C, int64_t v0,
                                int64_t v1, int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
@@ -3040,32 +3070,18 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   const V* plan = p.k.data();
   FiniteCheck<A> fin = chk;  // a local: in chk, the check's bits were stored and reloaded around every store of gx
   for (int64_t v = v0; v < v1; ++v) {
-    const V* k = plan + v * K;
     const int64_t e = v * L;
     if (ahead != 0 && v % kVectorsPerLine == 0) {  // `ahead` on, one per line: g's newest row, x (both columns)
       __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
       __builtin_prefetch(xp + e + ahead), __builtin_prefetch(xp + e + C + ahead);
     }
-    const V x0 = vload<true, A>(xp + e, L), x1 = Two ? vload<true, A>(xp + C + e, L) : V{};
-    auto column = [&](int64_t at, V& vert, V& vd) {
-      const V y[3] = {vload<true, A>(s0 + at, L), vload<true, A>(s1 + at, L), vload<true, A>(s2 + at, L)};
-      g_column<3, A>(k, y, vert, vd);
-    };
     V* r = ring + 4 * v;  // vert, vd of the two older columns
-    V vt[4] = {r[0], r[2], V{}, V{}}, vd[4] = {r[1], r[3], V{}, V{}};
-    if (In1) column(e, vt[2], vd[2]);
-    if (In2) column(e + second, vt[3], vd[3]);
+    V w[4] = {r[0], r[1], r[2], r[3]};
     V sy = acc[2 * v], sx = acc[2 * v + 1];  // locals: the store of gx below may alias acc, which would be reloaded
-    V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
-    fin.add(gv);
-    put_vec<true>(reinterpret_cast<char*>(o + e), &gv);
-    if (Two) {
-      gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy, sx);
-      fin.add(gv);
-      put_vec<true>(reinterpret_cast<char*>(o + C + e), &gv);
-    }
+    backward_pair_vector<In1, In2, Two>(s0, s1, s2, e, second, xp + e, plan + v * K, C, o + e, w[0], w[1], w[2], w[3],
+                                        sy, sx, fin);
     acc[2 * v] = sy, acc[2 * v + 1] = sx;
-    r[0] = vt[2], r[1] = vd[2], r[2] = vt[3], r[3] = vd[3];
+    r[0] = w[0], r[1] = w[1], r[2] = w[2], r[3] = w[3];
   }
   chk = fin;
 }
@@ -3089,12 +3105,9 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
       const int64_t col = k0 + c;
       for (int64_t v = b0; v < b1; ++v) {
         V vert{}, vd{};
-        if (col >= 0 && col < W) {
-          const V y[3] = {vload<true, A>(grows[0] + col * C + v * L, L),
-                          vload<true, A>(grows[1] + col * C + v * L, L),
-                          vload<true, A>(grows[2] + col * C + v * L, L)};
-          g_column<3, A>(p.k.data() + v * CornerPicks<3, A>::K, y, vert, vd);
-        }
+        if (col >= 0 && col < W)
+          g_column_at<T, A>(grows[0], grows[1], grows[2], col * C + v * L, p.k.data() + v * CornerPicks<3, A>::K, vert,
+                            vd);
         ring[4 * v + 2 * c] = vert, ring[4 * v + 2 * c + 1] = vd;
       }
     }
@@ -3124,7 +3137,7 @@ bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<
 
 // backward_row_pairs for pixels of at most kFusedRegisterVectors whole vectors: each vector's ring (vert and vd of
 // the last two columns) and its two shift-gradient sums stay in registers across the row, where backward_pair_pass
-// loads and stores them for every pair of pixels; the same operations in the same order (bit-identical results).
+// loads and stores them for every pair of pixels; both take each vector's step from backward_pair_vector.
 // Zen 5, shuffled rounds, one build with either path: 0.81-0.85x backward_row_pairs' time at 16-32 float channels
 // (1-2 vectors), 0.88x at 48; 0.94-1.01x at 64 (three shapes) and 0.98-1.02x at 80-96 (6 registers per vector of
 // channels). Only with 64-byte vectors, where small pixels take the two-pixel pass at all (pairs_fit).
@@ -3140,17 +3153,13 @@ bool backward_row_pairs_registers(const T* const* grows, const T* xrow, const Co
   const T* s1 = grows[1];
   const T* s2 = grows[2];
   FiniteCheck<A> fin;
-  auto column = [&](const V* k, int64_t at, V& vert, V& vd) {
-    const V y[3] = {vload<true, A>(s0 + at, L), vload<true, A>(s1 + at, L), vload<true, A>(s2 + at, L)};
-    g_column<3, A>(k, y, vert, vd);
-  };
-  V vt0[NV], vt1[NV], vd0[NV], vd1[NV], sy[NV], sx[NV];  // the ring: columns j + k0 and j + k0 + 1
+  V vt0[NV], vt1[NV], vd0[NV], vd1[NV], sy[NV], sx[NV];  // the window: columns j + k0 and j + k0 + 1
 #pragma GCC unroll 12
   for (int v = 0; v < NV; ++v) {
     const V* k = plan + v * K;
     vt0[v] = vd0[v] = vt1[v] = vd1[v] = V{};
-    if (k0 >= 0 && k0 < W) column(k, k0 * C + v * L, vt0[v], vd0[v]);
-    if (k0 + 1 >= 0 && k0 + 1 < W) column(k, (k0 + 1) * C + v * L, vt1[v], vd1[v]);
+    if (k0 >= 0 && k0 < W) g_column_at<T, A>(s0, s1, s2, k0 * C + v * L, k, vt0[v], vd0[v]);
+    if (k0 + 1 >= 0 && k0 + 1 < W) g_column_at<T, A>(s0, s1, s2, (k0 + 1) * C + v * L, k, vt1[v], vd1[v]);
     sy[v] = acc[2 * v], sx[v] = acc[2 * v + 1];
   }
   auto pass = [&](int64_t j, auto i1, auto i2, auto tw) {
@@ -3160,25 +3169,13 @@ bool backward_row_pairs_registers(const T* const* grows, const T* xrow, const Co
     T* o = gxrow + j * C;
 #pragma GCC unroll 12
     for (int v = 0; v < NV; ++v) {
-      const V* k = plan + v * K;
       const int64_t e = v * L, at = c1 * C + e;
       if (ahead != 0 && v % kVectorsPerLine == 0) {
         if constexpr (In1 || In2) __builtin_prefetch(s2 + at + ahead), __builtin_prefetch(s2 + at + C + ahead);
         __builtin_prefetch(xp + e + ahead), __builtin_prefetch(xp + e + C + ahead);
       }
-      const V x0 = vload<true, A>(xp + e, L), x1 = Two ? vload<true, A>(xp + C + e, L) : V{};
-      V vt[4] = {vt0[v], vt1[v], V{}, V{}}, vd[4] = {vd0[v], vd1[v], V{}, V{}};
-      if (In1) column(k, at, vt[2], vd[2]);
-      if (In2) column(k, at + C, vt[3], vd[3]);
-      V gv = g_output<3, A>(k, vt, vd, x0, sy[v], sx[v]);
-      fin.add(gv);
-      put_vec<true>(reinterpret_cast<char*>(o + e), &gv);
-      if (Two) {
-        gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy[v], sx[v]);
-        fin.add(gv);
-        put_vec<true>(reinterpret_cast<char*>(o + C + e), &gv);
-      }
-      vt0[v] = vt[2], vd0[v] = vd[2], vt1[v] = vt[3], vd1[v] = vd[3];
+      backward_pair_vector<In1, In2, Two>(s0, s1, s2, at, C, xp + e, plan + v * K, C, o + e, vt0[v], vd0[v], vt1[v],
+                                          vd1[v], sy[v], sx[v], fin);
     }
   };
   for_pixel_pairs(k0, W, W, pass);
