@@ -1143,15 +1143,21 @@ template <int R, typename U>
 struct PickPlan {
   using VU = typename UVec<U>::V;
   static constexpr int L = kVecBytes / sizeof(U);
+  static constexpr int kHigherRowBit = 2 * (R - 1);  // of bits: the lane takes the higher of its vector's two rows
   int64_t C, S, full, r0, k0;
   std::vector<int64_t> dy, dx;
   std::vector<VU> mask;  // [vector][2 ]: all ones where dy - r0 >= t (t = 1 .. R-1), then dx - k0 >= u
-  std::vector<VU> bits;  // [vector]: the masks as bits of each lane, t - 1 for row t and R - 2 + u for column u
+  std::vector<VU> bits;  // [vector]: the masks as bits of each lane, t - 1 for row t and R - 2 + u for column u;
+                         // and kHigherRowBit (two_rows)
+  std::vector<int> low, high;  // [vector]: the lowest and the highest row (0 .. R-1) that its lanes take
+  bool two_rows = true;        // no vector's lanes take more than two rows (ShiftNet's groups: the rows change once
+                               // or twice per pixel, so most vectors take one row and the others two)
   PickPlan(int64_t C_, int64_t S_, std::vector<int64_t> dy_, std::vector<int64_t> dx_)
       : C(C_), S(S_), full(C_ / L), dy(std::move(dy_)), dx(std::move(dx_)), mask(full * 2 * (R - 1), VU{}),
-        bits(full, VU{}) {
+        bits(full, VU{}), low(full, R), high(full, -1) {
     r0 = *std::min_element(dy.begin(), dy.end());
     k0 = *std::min_element(dx.begin(), dx.end());
+    std::vector<unsigned> taken(full, 0);  // [vector]: bit t where a lane takes row t
     for (int64_t c = 0; c < full * L; ++c) {
       U* d = reinterpret_cast<U*>(&mask[c / L * 2 * (R - 1)]) + c % L;
       for (int t = 1; t < R; ++t) {
@@ -1160,6 +1166,13 @@ struct PickPlan {
         if (dy[c] - r0 >= t) bits[c / L][c % L] |= U(1) << (t - 1);
         if (dx[c] - k0 >= t) bits[c / L][c % L] |= U(1) << (R - 2 + t);
       }
+      const int t = static_cast<int>(dy[c] - r0);
+      taken[c / L] |= 1u << t, low[c / L] = std::min(low[c / L], t), high[c / L] = std::max(high[c / L], t);
+    }
+    for (int64_t v = 0; v < full; ++v) {
+      two_rows = two_rows && __builtin_popcount(taken[v]) <= 2;
+      for (int64_t c = v * L; c < (v + 1) * L; ++c)
+        if (low[v] < high[v] && dy[c] - r0 == high[v]) bits[v][c % L] |= U(1) << kHigherRowBit;
     }
   }
 };
@@ -1197,6 +1210,11 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
 // without AVX-512, before flatten) 0.74-0.88x at 32-64 channels (4-8 vectors). Pixels of more vectors keep the ring
 // in memory (strips of 8 vectors, each going through the row, ran 1.09-1.28x slower at 576-1152 channels). Extra
 // loads of other lines are what slows a loop on this machine (docs/benchmarks/ops_notes.md, fifteenth session).
+// Rows = 2 where no vector's lanes take more than two rows (PickPlan::two_rows): each vector loads only its own lowest
+// and highest row (the same one twice where its lanes take one), so a source line is read only by the output rows
+// that take lanes from it. ShiftNet's groups at 96 float channels (6 vectors): 9 row loads of other lines per pixel,
+// where Rows = 3 makes 18. One build, either path, two threads: 0.77-0.91x the time at 32-192 channels (1.6-12.6 MB),
+// except 64 channels (1.0x) and the forward at 32x96x32x32 (0.95-1.0x, the adjoint 0.78-0.91x; sixteenth session).
 constexpr int kPickRegisterVectors = kVectorRegisters == 32 ? 12 : 8;
 
 // f(std::integral_constant<int, nv>) for nv in [1, Max]: the kernels that keep a pixel's vectors in registers are
@@ -1221,22 +1239,27 @@ inline typename UVec<U>::V bit_mask(const typename UVec<U>::V& bits, int k) {  /
   return reinterpret_cast<typename UVec<U>::V>(reinterpret_cast<VS>(bits << (top - k)) >> top);
 }
 
-template <int NV, bool Stream, typename U>
+template <int NV, int Rows, bool Stream, int R, typename U>
 __attribute__((flatten))  // with_vector_count: the lambdas inlined
-void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, int64_t C, int64_t k0, int64_t Ws,
-                        int64_t Wo, int64_t ahead, U* orow) {
+void pick_row_registers(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t Wo, int64_t ahead,
+                        U* orow) {
+  static_assert(R == 3 && (Rows == 2 || Rows == 3));
   using VU = typename UVec<U>::V;
   constexpr int64_t L = kVecBytes / sizeof(U);
-  const U* r0 = rows[0];
-  const U* r1 = rows[1];
-  const U* r2 = rows[2];
+  const int64_t C = p.C, k0 = p.k0;
+  VU bits[NV];
+  const U* src[Rows][NV];  // vector v's rows: all three, or (Rows = 2) its lowest and its highest
+  for (int v = 0; v < NV; ++v) {
+    bits[v] = p.bits[v];
+    for (int t = 0; t < Rows; ++t) src[t][v] = rows[Rows == 3 ? t : t == 0 ? p.low[v] : p.high[v]] + v * L;
+  }
+  const U* newest = rows[R - 1];
   auto column = [&](int64_t col, int v) {  // each lane's own row at column col
-    VU a, b, c;
-    std::memcpy(&a, r0 + col * C + v * L, sizeof(a));
-    std::memcpy(&b, r1 + col * C + v * L, sizeof(b));
-    std::memcpy(&c, r2 + col * C + v * L, sizeof(c));
-    const VU k = bits[v];
-    return pick_bits<U>(bit_mask<U>(k, 1), pick_bits<U>(bit_mask<U>(k, 0), a, b), c);
+    VU a[Rows];
+    for (int t = 0; t < Rows; ++t) std::memcpy(&a[t], src[t][v] + col * C, sizeof(VU));
+    const VU& k = bits[v];
+    if constexpr (Rows == 2) return pick_bits<U>(bit_mask<U>(k, PickPlan<R, U>::kHigherRowBit), a[0], a[1]);
+    return pick_bits<U>(bit_mask<U>(k, 1), pick_bits<U>(bit_mask<U>(k, 0), a[0], a[1]), a[2]);
   };
   VU w0[NV], w1[NV];  // columns j + k0 and j + k0 + 1
 #pragma GCC unroll 12
@@ -1249,10 +1272,10 @@ void pick_row_registers(const U* const* rows, const typename UVec<U>::V* bits, i
     U* o = orow + j * C;
 #pragma GCC unroll 12
     for (int v = 0; v < NV; ++v) {
-      if constexpr (decltype(in)::value)
-        if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(r2 + col * C + v * L + ahead);
+      if constexpr (decltype(in)::value)  // the newest row, once per line (every vector: its own rows, Rows = 2)
+        if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(newest + col * C + v * L + ahead);
       const VU n = decltype(in)::value ? column(col, v) : VU{};
-      const VU k = bits[v];
+      const VU& k = bits[v];
       const VU a = pick_bits<U>(bit_mask<U>(k, 3), pick_bits<U>(bit_mask<U>(k, 2), w0[v], w1[v]), n);
       put_vec<Stream>(reinterpret_cast<char*>(o + v * L), &a);
       w0[v] = w1[v], w1[v] = n;
@@ -1294,9 +1317,12 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
         window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
         U* orow = dst + q * m.Wd * C;
         if (p.full > 0 && S == 1 && R == 3 && p.full <= kPickRegisterVectors) {
-          with_vector_count<kPickRegisterVectors>(p.full, [&](auto nv) {
-            pick_row_registers<decltype(nv)::value, Stream>(rows, p.bits.data(), C, p.k0, m.Ws, m.Wd, ahead, orow);
-          });
+          if constexpr (R == 3)  // (the kernel's rows)
+            with_vector_count<kPickRegisterVectors>(p.full, [&](auto nv) {
+              constexpr int NV = decltype(nv)::value;
+              if (p.two_rows) return pick_row_registers<NV, 2, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
+              pick_row_registers<NV, 3, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
+            });
         } else if (p.full > 0 && S == 1) {
           pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
         }
