@@ -313,16 +313,16 @@ def test_channels_last_selection_kernel_vector_counts(kernels, stores, dtype):
     """The channels_last selection kernel (move_nhwc_pick) at stride 1 with shifts within one pixel keeps pixels of up
     to 12 whole vectors in registers (8 without AVX-512: pick_row_registers) and its ring of columns in memory beyond
     that: 1 to 13 vectors per pixel, with and without a partial last vector, ShiftNet's grouped and per-channel
-    shifts, and shifts whose rows each vector takes from one or two of the three (every pair, either order of the
-    rows in the vector: the two-row loads, Rows = 2), forward and adjoint (the input gradient) against the reference,
-    including the border rows and columns."""
+    shifts, and shifts that give the lanes of each vector one or two of the three rows (every such set of rows: the
+    two-row loads, Rows = 2), forward and adjoint (the input gradient) against the reference, including the border
+    rows and columns."""
     lanes = kernels.vector_bytes() // dtype.itemsize
     g = torch.Generator().manual_seed(5)
-    pairs = torch.tensor([[-1, -1], [0, 0], [1, 1], [-1, 0], [0, 1], [-1, 1], [1, -1], [0, -1]])
+    row_sets = torch.tensor([[-1, -1], [0, 0], [1, 1], [-1, 0], [0, 1], [-1, 1]])  # one or two rows
     for vectors in range(1, 14):
         for C in (vectors * lanes, vectors * lanes + 3):
-            two_rows = pairs[torch.randint(len(pairs), (C // lanes + 1,), generator=g)]  # per vector
-            lane_rows = two_rows[torch.arange(C) // lanes, torch.randint(2, (C,), generator=g)]
+            vector_rows = row_sets[torch.randint(len(row_sets), (C // lanes + 1,), generator=g)]
+            lane_rows = vector_rows[torch.arange(C) // lanes, torch.randint(2, (C,), generator=g)]
             two_rows = torch.stack([lane_rows, torch.randint(-1, 2, (C,), generator=g)], 1)
             for shifts in (fs.grouped_shifts(C), torch.randint(-1, 2, (C, 2), generator=g), two_rows):
                 x = torch.randn(2, C, 4, 6, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)

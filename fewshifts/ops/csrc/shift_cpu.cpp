@@ -1273,7 +1273,7 @@ void pick_row_registers(const U* const* rows, const PickPlan<R, U>& p, int64_t W
     U* o = orow + j * C;
 #pragma GCC unroll 12
     for (int v = 0; v < NV; ++v) {
-      if constexpr (decltype(in)::value)  // the newest row, once per line (every vector: its own rows, Rows = 2)
+      if constexpr (decltype(in)::value)  // the newest row, once per line
         if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(newest + col * C + v * L + ahead);
       const VU n = decltype(in)::value ? column(col, v) : VU{};
       const VU& k = bits[v];
@@ -1318,7 +1318,7 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
         window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
         U* orow = dst + q * m.Wd * C;
         if (p.full > 0 && S == 1 && R == 3 && p.full <= kPickRegisterVectors) {
-          if constexpr (R == 3)  // (the kernel's rows)
+          if constexpr (R == 3)  // (pick_row_registers is compiled for the three-row window only)
             with_vector_count<kPickRegisterVectors>(p.full, [&](auto nv) {
               constexpr int NV = decltype(nv)::value;
               if (p.two_rows) return pick_row_registers<NV, 2, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
