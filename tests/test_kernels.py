@@ -956,6 +956,39 @@ def test_extension_name_follows_source_and_flags(kernels):
     assert kernels.__name__ == cpp.extension_name(cpp.source_text(), cpp.compile_flags())
 
 
+def test_stale_builds_are_pruned(kernels, tmp_path):
+    """Loading the kernels marks their build as used and removes the other builds of them that nothing has used for
+    STALE_BUILD_DAYS (torch's cache keeps every build: one per source change); recent builds, builds marked as used
+    recently, and other extensions stay."""
+    import time
+    from pathlib import Path
+
+    assert (Path(kernels.__file__).parent / ".fewshifts_last_used").exists()  # marked by cpp.load
+    old = time.time() - (cpp.STALE_BUILD_DAYS + 1) * 86400
+
+    def build(name, used_at=None, built_at=old):
+        d = tmp_path / name
+        d.mkdir()
+        (d / f"{name}.so").write_bytes(b"\0")
+        if used_at is not None:
+            (d / ".fewshifts_last_used").touch()
+            os.utime(d / ".fewshifts_last_used", (used_at, used_at))
+        os.utime(d, (built_at, built_at))
+        return d
+
+    current = build("fewshifts_shift_cpu_aaaaaaaaaaaa")
+    stale = build("fewshifts_shift_cpu_bbbbbbbbbbbb")
+    stale_marked = build("fewshifts_shift_cpu_cccccccccccc", used_at=old)
+    used = build("fewshifts_shift_cpu_dddddddddddd", used_at=time.time())
+    fresh = build("fewshifts_shift_cpu_eeeeeeeeeeee", built_at=time.time())
+    other = build("someone_elses_extension")
+    assert sorted(cpp.prune_stale_builds(current)) == [stale, stale_marked]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(d.name for d in (current, used, fresh, other))
+    assert (current / ".fewshifts_last_used").stat().st_mtime > old
+    assert sorted(cpp.prune_stale_builds(current, days=0)) == [used, fresh]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [current.name, other.name]
+
+
 def test_bad_backend_value_raises(monkeypatch):
     monkeypatch.setenv("FEWSHIFTS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FEWSHIFTS_BACKEND"):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +44,29 @@ def extension_name(source: bytes, flags: list[str]) -> str:
 def source_text() -> bytes:
     """The sources and headers the module is built from, as one text (what :func:`extension_name` hashes)."""
     return b"\0".join(path.read_bytes() for path in _SOURCES + _HEADERS)
+
+
+STALE_BUILD_DAYS = 30
+_USED = ".fewshifts_last_used"  # touched in a build's directory each time a process loads that build
+
+
+def prune_stale_builds(build_dir: Path, days: float = STALE_BUILD_DAYS) -> list[Path]:
+    """Mark the build in ``build_dir`` as used now, and remove its sibling builds of these kernels (directories named
+    by :func:`extension_name`) that no process has loaded, or written to, in ``days`` days. Every source change or
+    upgrade makes a new build of 7-10 MB, and torch never removes one; a build removed too early is rebuilt (about a
+    minute). Returns the directories removed."""
+    (build_dir / _USED).touch()
+    cutoff = time.time() - days * 86400
+    removed = []
+    for other in build_dir.parent.glob("fewshifts_shift_cpu_*"):
+        if other == build_dir or not other.is_dir():
+            continue
+        used = other / _USED
+        last = max(other.stat().st_mtime, used.stat().st_mtime if used.exists() else 0.0)
+        if last < cutoff:
+            shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    return removed
 
 
 def compile_flags() -> list[str]:
@@ -100,6 +125,10 @@ def load(required: bool = False) -> ModuleType | None:
                     module = _build()
                     register_ops(module)
                     _module = module
+                    try:
+                        prune_stale_builds(Path(module.__file__).parent)
+                    except OSError:  # a read-only or shared cache: the kernels work all the same
+                        pass
                 except Exception as exc:  # any build failure means: use the fallback
                     _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     if not required:
