@@ -1215,7 +1215,8 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
 // that take lanes from it. ShiftNet's groups at 96 float channels (6 vectors): 9 row loads of other lines per pixel,
 // where Rows = 3 makes 18. One build, either path, two threads: 0.77-0.95x the time at 32-192 channels (1.6-12.6 MB),
 // but 0.92-1.0x for the forward at 32x96x32x32 (its adjoint 0.78-0.91x) and 0.83-1.02x at 64 channels (sixteenth
-// session). Learned shifts rounded per channel take all three rows in most vectors (Rows = 3).
+// session). Random per-channel shifts take all three rows in most vectors (Rows = 3); a trained SSL layer's, mostly
+// zero, often give no vector three.
 constexpr int kPickRegisterVectors = kVectorRegisters == 32 ? 12 : 8;
 
 // f(std::integral_constant<int, nv>) for nv in [1, Max]: the kernels that keep a pixel's vectors in registers are
