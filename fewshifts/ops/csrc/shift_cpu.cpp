@@ -1213,8 +1213,8 @@ void pick_row(const U* const* rows, const PickPlan<R, U>& p, int64_t Ws, int64_t
 // Rows = 2 where no vector's lanes take more than two rows (PickPlan::two_rows): each vector loads only its own lowest
 // and highest row (the same one twice where its lanes take one), so a source line is read only by the output rows
 // that take lanes from it. ShiftNet's groups at 96 float channels (6 vectors): 9 row loads of other lines per pixel,
-// where Rows = 3 makes 18. One build, either path, two threads: 0.77-0.95x the time at 32-192 channels (1.6-12.6 MB),
-// but 0.92-1.0x for the forward at 32x96x32x32 (its adjoint 0.78-0.91x) and 0.83-1.02x at 64 channels (sixteenth
+// where Rows = 3 makes 18. One build, either path, two threads, 1.6-12.6 MB: 0.73-0.96x the time at 32 and 96 float
+// channels (at 32x96x32x32 the forward 0.87-0.92x, the adjoint 0.78-0.83x), 0.92-1.01x at 64 and 128-192 (sixteenth
 // session). Random per-channel shifts take all three rows in most vectors (Rows = 3); a trained SSL layer's, mostly
 // zero, often give no vector three.
 constexpr int kPickRegisterVectors = kVectorRegisters == 32 ? 12 : 8;
