@@ -570,6 +570,44 @@ def test_bfloat16_outputs_are_float32_results_rounded(kernels, plane_form, layou
              kernels.bilinear_backward_input(grad.float(), real, 1, 9, 13).bfloat16())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_float16_takes_the_float32_kernels(kernels, layout, stride):
+    """float16 (no instantiation of its own) runs the float32 kernels on widened tensors and rounds their results
+    once: the same bits as widening, the float32 kernel and ``.half()``, in the input's memory format, and within
+    float16 rounding of the reference, which computes in float16 tensors."""
+    g = torch.Generator().manual_seed(11 + stride)
+    x = _layout(torch.randn(2, 20, 9, 13, generator=g), layout).half()
+    Ho, Wo = reference.output_size(9, stride), reference.output_size(13, stride)
+    grad = _layout(torch.randn(2, 20, Ho, Wo, generator=g), layout).half()
+    real = torch.rand(20, 2, generator=g) * 4 - 2
+    rounded = real.round().long()
+    calls = {
+        "shift_forward": lambda k, a, b: k.shift_forward(a, rounded, stride),
+        "shift_backward": lambda k, a, b: k.shift_backward(b, rounded, stride, 9, 13),
+        "bilinear_forward": lambda k, a, b: k.bilinear_forward(a, real, stride),
+        "bilinear_backward_input": lambda k, a, b: k.bilinear_backward_input(b, real, stride, 9, 13),
+        "bilinear_backward_shifts": lambda k, a, b: k.bilinear_backward_shifts(b, a, real, stride),
+        "bilinear_backward": lambda k, a, b: k.bilinear_backward(b, a, real, stride),
+        "sparse_backward": lambda k, a, b: k.sparse_backward(b, a, rounded, real, stride),
+        "relu_shift_forward": lambda k, a, b: k.relu_shift_forward(a, rounded, stride),
+        "relu_sparse_backward": lambda k, a, b: k.relu_sparse_backward(b, a, rounded, real, stride),
+    }
+    for name, call in calls.items():
+        outs = call(kernels, x, grad)
+        wide = call(kernels, x.float(), grad.float())
+        refs = call(reference, x, grad)
+        outs, wide, refs = ((t,) if isinstance(t, torch.Tensor) else t for t in (outs, wide, refs))
+        for out, w, ref in zip(outs, wide, refs):
+            if out.dim() == 2:  # a shift gradient: float32, as for float32 inputs
+                assert out.dtype == torch.float32 and torch.equal(out, w), name
+                _assert_shift_grad_close(out, ref.float(), grad, x)
+                continue
+            _assert_same_format(out, ref)
+            assert torch.equal(out, w.half()), name
+            torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3, msg=name)
+
+
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
 def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)

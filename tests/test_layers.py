@@ -111,3 +111,10 @@ def test_param_groups_no_decay_on_shifts_and_norms():
 def test_layer_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_layer_stride_must_be_an_integer():
+    """A float stride fails where the layer is built, as for the ops, not at its first forward."""
+    with pytest.raises(TypeError, match="GroupedShift2d: stride should be an integer"):
+        GroupedShift2d(4, stride=2.0)
+    assert SparseShift2d(4, stride=torch.tensor(2)).stride == 2

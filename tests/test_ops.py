@@ -226,15 +226,16 @@ def test_rounding_ties_to_even():
     assert round_shifts(s).tolist() == [[0, 2], [0, 2], [-2, 0]]
 
 
-def test_bfloat16_agrees_with_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_agrees_with_float32(dtype):
     x = _input((2, 8, 10, 10), torch.contiguous_format, dtype=torch.float32)
     shifts = _real_shifts(8, dtype=torch.float32)
     for op in (fs.active_shift2d, fs.sparse_shift2d):
         ref = op(x, shifts)
-        out = op(x.bfloat16(), shifts)
-        assert out.dtype == torch.bfloat16
+        out = op(x.to(dtype), shifts)
+        assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-    xb = x.bfloat16().requires_grad_()
+    xb = x.to(dtype).requires_grad_()
     sb = shifts.clone().requires_grad_()
     fs.active_shift2d(xb, sb).float().square().sum().backward()
     xf, sf = x.clone().requires_grad_(), shifts.clone().requires_grad_()
@@ -291,6 +292,8 @@ def test_grouped_shifts_remainder_unshifted_and_connectivity():
         (torch.zeros(1, 3, 4, 4), torch.zeros(3, 3, dtype=torch.long), 1, ValueError, r"\(C, 2\)"),
         (torch.zeros(1, 3, 4, 4), torch.zeros(4, 2, dtype=torch.long), 1, ValueError, "4 rows but x has 3 channels"),
         (torch.zeros(1, 3, 4, 4), torch.zeros(3, 2, dtype=torch.long), 3, ValueError, "stride should be 1 or 2"),
+        (torch.zeros(1, 3, 4, 4), torch.zeros(3, 2, dtype=torch.long), True, ValueError, "stride should be 1 or 2"),
+        (torch.zeros(1, 3, 4, 4), torch.zeros(3, 2, dtype=torch.long), 2.0, TypeError, "stride should be an integer"),
         (torch.zeros(1, 3, 4, 4), torch.full((3, 2), 0.5), 1, ValueError, "integral"),
         (torch.zeros(1, 3, 4, 4), torch.tensor([[0.0, 0], [float("nan"), 0], [0, 0]]), 1, ValueError, "finite"),
         (torch.zeros(1, 3, 4, 4, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 1, TypeError, "floating"),

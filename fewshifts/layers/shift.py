@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshifts.ops import active_shift2d, grouped_shifts, round_shifts, shift2d, sparse_shift2d
+from fewshifts.ops.shift import check_stride
 
 __all__ = ["ShiftLayer", "GroupedShift2d", "ActiveShift2d", "SparseShift2d"]
 
@@ -19,10 +20,8 @@ class ShiftLayer(nn.Module):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels should be a positive integer instead of {channels!r}")
-        if stride not in (1, 2) or isinstance(stride, bool):
-            raise ValueError(f"stride should be 1 or 2 instead of {stride!r}")
         self.channels = channels
-        self.stride = stride
+        self.stride = check_stride(stride, type(self).__name__)
 
     @property
     def learnable(self) -> bool:

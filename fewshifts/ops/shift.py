@@ -21,6 +21,7 @@ than auto and cpp, and to raise the error for invalid shifts.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -59,7 +60,8 @@ def python_body(name: str, *args):
 # argument checks
 
 
-def _check_input(x: Tensor, shifts: Tensor, stride: int, name: str) -> None:
+def _check_input(x: Tensor, shifts: Tensor, stride: int, name: str) -> int:
+    """Raises on bad arguments; returns ``stride`` as an int (check_stride)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: x should be a torch.Tensor instead of {type(x).__name__}")
     if not isinstance(shifts, Tensor):
@@ -77,10 +79,23 @@ def _check_input(x: Tensor, shifts: Tensor, stride: int, name: str) -> None:
         )
     if shifts.device != x.device:
         raise ValueError(f"{name}: shifts are on {shifts.device} but x is on {x.device}")
-    if isinstance(stride, bool) or stride not in (1, 2):
-        raise ValueError(f"{name}: stride should be 1 or 2 instead of {stride!r}")
+    stride = check_stride(stride, name)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"{name}: x has an empty spatial size {tuple(x.shape[2:])}")
+    return stride
+
+
+def check_stride(stride: int, name: str) -> int:
+    """``stride`` as an int, 1 or 2 (any integer type: a numpy or 0-d tensor one too); raises otherwise."""
+    if isinstance(stride, bool):
+        raise ValueError(f"{name}: stride should be 1 or 2 instead of {stride!r}")
+    try:
+        value = operator.index(stride)
+    except TypeError:
+        raise TypeError(f"{name}: stride should be an integer (1 or 2) instead of {stride!r}") from None
+    if value not in (1, 2):
+        raise ValueError(f"{name}: stride should be 1 or 2 instead of {stride!r}")
+    return value
 
 
 def _check_finite(shifts: Tensor, name: str) -> None:
@@ -169,7 +184,7 @@ def shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
     ``shifts`` is an integer (C, 2) tensor, or a float one holding integral values. Differentiable
     with respect to ``x`` (the gradient is the inverse shift, SSL Eq. 7).
     """
-    _check_input(x, shifts, stride, "shift2d")
+    stride = _check_input(x, shifts, stride, "shift2d")
     if not shifts.is_floating_point() and shifts.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
                                                                   torch.uint8):
         raise TypeError(f"shift2d: shifts should be an integer or float tensor instead of {shifts.dtype}")
@@ -257,7 +272,7 @@ def active_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
 
     Differentiable with respect to ``x`` and ``shifts``.
     """
-    _check_input(x, shifts, stride, "active_shift2d")
+    stride = _check_input(x, shifts, stride, "active_shift2d")
     _check_real_shifts(shifts, "active_shift2d")
     return torch.ops.fewshifts.active_shift2d(x, shifts, stride)
 
@@ -316,7 +331,7 @@ def sparse_shift2d(x: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
     (Eq. 7). Gradient for ``shifts``: the bilinear derivative at the real-valued shift (Eq. 6), the
     same as :func:`active_shift2d`'s shift gradient for the same upstream gradient.
     """
-    _check_input(x, shifts, stride, "sparse_shift2d")
+    stride = _check_input(x, shifts, stride, "sparse_shift2d")
     _check_real_shifts(shifts, "sparse_shift2d")
     return torch.ops.fewshifts.sparse_shift2d(x, shifts, stride)
 
@@ -332,6 +347,6 @@ def relu_sparse_shift2d(z: Tensor, shifts: Tensor, stride: int = 1) -> Tensor:
     shift (Eq. 6) of ``relu(z)``, evaluated on the fly. The C++ kernels fuse NCHW tensors; channels_last
     tensors (and the reference path: other devices, ``FEWSHIFTS_BACKEND=reference``) run the composition.
     """
-    _check_input(z, shifts, stride, "relu_sparse_shift2d")
+    stride = _check_input(z, shifts, stride, "relu_sparse_shift2d")
     _check_real_shifts(shifts, "relu_sparse_shift2d")
     return torch.ops.fewshifts.relu_sparse_shift2d(z, shifts, stride)

@@ -3488,6 +3488,13 @@ Tensor finish_shift_grad(const Tensor& acc, const Tensor& shifts) {
   return acc.to(c10::CppTypeToScalarType<A>::value).to(shifts.scalar_type());
 }
 
+// float16 takes the float32 kernels: its tensors widened (exactly), the results rounded back to float16 once, as a
+// float16 instantiation of the kernels (computing in float32, rounding on the store) would give them. float16 is
+// rare on CPU, and an instantiation of its own would make the build half as long again.
+bool is_half(const Tensor& t) { return t.defined() && t.scalar_type() == at::kHalf; }
+Tensor widened(const Tensor& t) { return is_half(t) ? t.to(at::kFloat) : t; }
+Tensor narrowed(const Tensor& t) { return t.defined() ? t.to(at::kHalf) : t; }
+
 template <typename F>
 void with_stride(int64_t stride, const F& f) {
   if (stride == 1) {
@@ -3501,6 +3508,7 @@ void with_stride(int64_t stride, const F& f) {
 
 Tensor bilinear_forward(const Tensor& x_in, const Tensor& shifts, int64_t stride) {
   check_args(x_in, shifts, stride, "bilinear_forward");
+  if (is_half(x_in)) return narrowed(bilinear_forward(widened(x_in), shifts, stride));
   const bool cl = is_channels_last(x_in);
   const Tensor x = x_in.contiguous(format_of(cl));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -3559,6 +3567,12 @@ struct BackwardArgs {
 };
 
 std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
+  if (is_half(args.g)) {
+    BackwardArgs wide = args;
+    wide.g = widened(args.g), wide.x = widened(args.x);
+    auto [gx, gs] = backward(wide);
+    return {narrowed(gx), gs};
+  }
   const bool cl = is_channels_last(args.g);
   const Tensor g = args.g.contiguous(format_of(cl));
   const bool want_gx = args.input_shifts.defined(), want_gs = args.shifts.defined();
@@ -3714,6 +3728,7 @@ void relu_move_row(T* dst, int64_t n_dst, const T* src, const Seg& s, const T* z
 Tensor relu_shift_forward(const Tensor& z_in, const Tensor& shifts, int64_t stride) {
   check_args(z_in, shifts, stride, "relu_shift_forward");
   if (is_channels_last(z_in)) return shift_forward(at::relu(z_in), shifts, stride);
+  if (is_half(z_in)) return narrowed(relu_shift_forward(widened(z_in), shifts, stride));
   const Tensor z = z_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
   const int64_t Ho = output_size(H, stride), Wo = output_size(W, stride);
@@ -3763,6 +3778,10 @@ std::tuple<Tensor, Tensor> relu_sparse_backward(const Tensor& g_in, const Tensor
   if (is_channels_last(z_in)) {
     auto [gx, gs] = sparse_backward(g_in, at::relu(z_in), rounded, shifts, stride);
     return {at::threshold_backward(gx, z_in, 0), gs};
+  }
+  if (is_half(z_in)) {
+    auto [gx, gs] = relu_sparse_backward(widened(g_in), widened(z_in), rounded, shifts, stride);
+    return {narrowed(gx), gs};
   }
   const Tensor z = z_in.contiguous(), g = g_in.contiguous();
   const int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), Ho = g.size(2), Wo = g.size(3);
