@@ -608,6 +608,19 @@ def test_float16_takes_the_float32_kernels(kernels, layout, stride):
             torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3, msg=name)
 
 
+@pytest.mark.parametrize("shift_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_shifts_act_as_their_float32_values(kernels, shift_dtype):
+    """Bilinear weights come from the shifts' exact values (not rounded to 16 bits), on both paths."""
+    g = torch.Generator().manual_seed(3)
+    x, grad = torch.randn(2, 10, 6, 7, generator=g), torch.randn(2, 10, 6, 7, generator=g)
+    real = (torch.rand(10, 2, generator=g) * 4 - 2).to(shift_dtype)
+    for k in (kernels, reference):
+        assert torch.equal(k.bilinear_forward(x, real, 1), k.bilinear_forward(x, real.float(), 1))
+        gx, gs = k.bilinear_backward(grad, x, real, 1)
+        wide_gx, wide_gs = k.bilinear_backward(grad, x, real.float(), 1)
+        assert torch.equal(gx, wide_gx) and gs.dtype == shift_dtype and torch.equal(gs, wide_gs.to(shift_dtype))
+
+
 @pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
 def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
     x, _, real, grad = _inputs(case)

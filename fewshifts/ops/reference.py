@@ -90,7 +90,9 @@ def shift_backward(grad_out: Tensor, shifts: Tensor, stride: int, height: int, w
 
 
 def _bilinear_parts(shifts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """floor(shift) as int64 and the fractional parts (a, b) of (dy, dx), ASL Eq. 9."""
+    """floor(shift) as int64 and the fractional parts (a, b) of (dy, dx), ASL Eq. 9; in float32 at least (16-bit
+    shifts would round the weights to 16 bits, where the C++ kernels compute them in float64)."""
+    shifts = shifts.to(torch.promote_types(shifts.dtype, torch.float32))
     floor = torch.floor(shifts)
     frac = shifts - floor
     return floor.long(), frac[:, 0], frac[:, 1]
