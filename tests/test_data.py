@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import os
 import pickle
+import re
 import tarfile
 import threading
 
@@ -102,6 +103,32 @@ def test_bad_idx_files_name_the_file(isolated, defect, message):
     with pytest.raises(ValueError, match=message) as info:
         fashion_mnist(isolated)
     assert str(bad) in str(info.value)
+
+
+def test_missing_idx_file_is_not_called_corrupt(tmp_path):
+    with pytest.raises(FileNotFoundError, match="idx file not found") as info:
+        read_idx(tmp_path / "absent-idx1-ubyte.gz", 1)
+    assert "absent-idx1-ubyte.gz" in str(info.value) and "corrupt" not in str(info.value)
+
+
+def test_fashion_mnist_rejects_images_that_are_not_28x28(isolated):
+    folder = isolated / "fashion-mnist"
+    write_fmnist(folder, n_train=5)
+    write_idx(folder / FMNIST_NAMES[0], np.zeros((5, 27, 28), dtype=np.uint8))
+    with pytest.raises(ValueError, match="images should be 28x28 instead of 27x28") as info:
+        fashion_mnist(isolated)
+    assert str(folder / FMNIST_NAMES[0]) in str(info.value)
+
+
+def test_partial_data_dir_warns_naming_the_missing_files(isolated, monkeypatch):
+    write_fmnist(isolated / "env" / "fashion-mnist", n_train=20)
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    given = isolated / "given" / "fashion-mnist"
+    given.mkdir(parents=True)
+    write_idx(given / FMNIST_NAMES[0], np.zeros((3, 28, 28), dtype=np.uint8))
+    with pytest.warns(UserWarning, match=f"{re.escape(str(given))}.*train-labels-idx1-ubyte.gz missing"):
+        data = fashion_mnist(isolated / "given")
+    assert len(data) == 20  # the complete copy further down the search order
 
 
 # ------------------------------------------------------------------ downloads against a local server
@@ -209,6 +236,30 @@ def test_cifar_bad_batch_names_the_file(isolated):
         cifar("cifar10", isolated, download=False)
 
 
+@pytest.mark.parametrize("labels, message", [
+    (["cat"] * 6, "labels should be integers \\(N,\\) instead of <U3 \\(6,\\)"),
+    (3, "labels should be integers \\(N,\\) instead of int64 \\(\\)"),
+    ([1.7, 2.2, 0.0, 1.0, 2.0, 3.0], "labels should be integers \\(N,\\) instead of float64 \\(6,\\)"),
+])
+def test_cifar_bad_labels_name_the_file(isolated, labels, message):
+    write_cifar10(isolated / "cifar-10-batches-py")
+    bad = isolated / "cifar-10-batches-py" / "data_batch_2"
+    batch = _batch(6, np.random.default_rng(0))
+    batch[b"labels"] = labels
+    bad.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=message) as info:
+        cifar("cifar10", isolated, download=False)
+    assert str(bad) in str(info.value)
+
+
+def test_cifar_meta_without_class_names_names_the_meta_file(isolated):
+    write_cifar10(isolated / "cifar-10-batches-py")
+    meta = isolated / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(pickle.dumps({b"num_cases_per_batch": 6}, protocol=2))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(meta))}: no 'label_names' entry$"):
+        cifar("cifar10", isolated, download=False)
+
+
 # ------------------------------------------------------------------ loaders
 def _dataset(n=40, c=1, size=8):
     images = torch.arange(n * c * size * size).remainder(251).to(torch.uint8).view(n, c, size, size)
@@ -251,6 +302,16 @@ def test_loader_rejects_bad_sizes():
         build_loader("mnist-digits", True, 8)
 
 
+def test_image_folder_loader_rejects_bad_sizes(tmp_path):
+    _write_image_folder(tmp_path)
+    folder = ImageFolder(tmp_path, train=True, size=16)
+    with pytest.raises(ValueError, match="6 training examples are fewer than one batch of 8") as info:
+        ImageFolderLoader(folder, 8, True, workers=0)
+    assert str(info.value).startswith(f"{tmp_path}: ")
+    with pytest.raises(ValueError, match="multiple of the 2 processes instead of 0"):
+        ImageFolderLoader(folder, 0, False, workers=0, world=2)
+
+
 def _write_image_folder(root, size=(40, 30)):
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
@@ -270,6 +331,26 @@ def test_image_folder_train_and_eval_transforms(tmp_path):
     loader = ImageFolderLoader(train, 2, train=True, workers=0)
     batches = list(loader.batches(epoch=0))
     assert len(batches) == 3 and batches[0][0].shape == (2, 3, 24, 24) and batches[0][0].dtype == torch.float32
+
+
+def test_imagenet_subset_spans_all_classes(isolated):
+    for split in ("train", "val"):
+        _write_image_folder(isolated / "imagenet" / split)
+    loader = build_loader("imagenet", False, 2, data_dir=isolated, subset=2, workers=0)
+    assert [label for _, label in loader.dataset.samples] == [0, 1]  # the first 2 would both be cats
+    assert len(build_loader("imagenet", False, 2, data_dir=isolated, subset=100, workers=0).dataset) == 6
+
+
+def test_image_folder_loader_gives_ranks_past_the_last_batch_no_rows(tmp_path):
+    """5 images in batches of 4 over 2 ranks: the last batch holds 1 image, so rank 0 gets 0 rows (as DeviceLoader)."""
+    _write_image_folder(tmp_path)
+    folder = ImageFolder(tmp_path, train=False, size=16, resize=20)
+    folder.samples = folder.samples[:5]
+    for rank in range(2):
+        got = list(ImageFolderLoader(folder, 4, False, workers=0, rank=rank, world=2).batches())
+        expected = list(DeviceLoader(_dataset(5, c=3, size=16), 4, False, rank=rank, world=2).batches())
+        assert [(x.shape, x.dtype, y.dtype) for x, y in got] == [(x.shape, x.dtype, y.dtype) for x, y in expected]
+        assert [len(y) for _, y in got] == [[2, 0], [2, 1]][rank]
 
 
 def test_image_folder_corrupt_image_names_file(tmp_path):

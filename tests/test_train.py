@@ -90,6 +90,31 @@ def test_config_errors(tmp_path):
     assert (cfg["lr"], cfg["batch_size"], cfg["steps"]) == (0.05, 32, 64000)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("log_every", 0, "log_every should be a positive integer instead of 0"),
+    ("eval_batch_size", 0, "eval_batch_size should be a positive integer"),
+    ("keep_checkpoints", 0, "keep_checkpoints should be a positive integer"),
+    ("milestones", 5, "milestones should be a list of step counts or fractions"),
+    ("milestones", [0.5, "x"], "milestones should be a list"),
+    ("shift_lr", "abc", "shift_lr should be a number >= 0 instead of 'abc'"),
+    ("threads", -1, "threads should be a non-negative integer instead of -1"),
+    ("workers", 1.5, "workers should be a non-negative integer"),
+    ("ckpt_every", "often", "ckpt_every should be a non-negative integer"),
+    ("stop_at", -2, "stop_at should be a step count or a fraction"),
+    ("seed", "x", "seed should be an integer"),
+    ("compile", "no", "compile should be true or false"),
+])
+def test_config_rejects_bad_values_up_front(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(overrides={key: value})
+
+
+def test_model_without_a_shift_argument_names_shift_null(data_dir, tmp_path):
+    assert resolve(overrides={"model": "resnet20"})["shift"] == "sparse"  # from the default preset
+    with pytest.raises(ValueError, match=r"does not take the arguments.*pass --shift null"):
+        train(tiny(data_dir, tmp_path / "run", model="resnet20", model_kwargs={}))
+
+
 def test_schedule_and_steps():
     assert at_step(0.75, 400) == 300 and at_step(48000, 64000) == 48000 and at_step(None, 5) is None
     f = [lr_factor("step", s, 64000, [32000, 48000], 0.1, 0) for s in (0, 31999, 32000, 48000, 63999)]
@@ -127,6 +152,40 @@ def test_short_real_run_learns_and_eval_reproduces(tmp_path, capsys):
     assert main(["eval", str(run)]) == 0
     line = capsys.readouterr().out
     assert f"{100 * summary['test_acc']:.2f}%" in line and "reproduced" in line
+
+
+@pytest.fixture(scope="module")
+def unshifted_run(data_dir, tmp_path_factory):
+    """A 2-step run of a model without shift layers (ShiftResNet-20 with 1x1 convolutions only): (run, stdout)."""
+    import contextlib
+    import io
+
+    run = tmp_path_factory.mktemp("unshifted") / "run"
+    old = torch.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train(tiny(data_dir, run, shift="none", steps=2, subset=32, shift_penalty=0.0))
+    torch.set_num_threads(old)
+    return run, out.getvalue()
+
+
+def test_no_shift_layers_give_null_sparsity(unshifted_run):
+    run, out = unshifted_run
+    text = (run / "summary.json").read_text()
+    assert "NaN" not in text and json.loads(text)["sparsity"] is None
+    assert "nan%" not in out and "sparsity n/a" in out.splitlines()[-2]  # epoch line
+    assert "shift sparsity n/a" in out.splitlines()[-1]  # summary line
+
+
+def test_eval_rejects_bad_device_unfit_dataset_and_batch_size(unshifted_run, capsys):
+    run, _ = unshifted_run
+    assert main(["eval", str(run), "--device", "nope"]) == 1
+    assert "error: device should be auto, cpu, cuda or cuda:N instead of 'nope'" in capsys.readouterr().err
+    assert main(["eval", str(run), "--dataset", "cifar10"]) == 1
+    assert "dataset cifar10 does not fit the model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(run), "--batch-size", "0"])
+    assert exit_.value.code == 2 and "should be a positive integer instead of '0'" in capsys.readouterr().err
+    assert main(["eval", str(run)]) == 0 and "reproduced" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -57,12 +57,11 @@ def build_loader(name: str, train: bool, batch_size: int, device: torch.device |
                  data_dir: str | os.PathLike | None = None, subset: int | None = None, seed: int = 0,
                  rank: int = 0, world: int = 1, channels_last: bool = False, workers: int = 8,
                  color_jitter: float = 0.0) -> DeviceLoader | ImageFolderLoader:
-    """The training or evaluation batch loader of a dataset; ``subset`` keeps the first N (training) examples."""
+    """The training or evaluation batch loader of a dataset; ``subset`` keeps N examples: the first N, or for
+    ImageNet (whose files are sorted by class) N spread evenly over the classes."""
     if name == "imagenet":
         folder = ImageFolder(_imagenet_root(data_dir) / ("train" if train else "val"), train,
-                             color_jitter=color_jitter, seed=seed)
-        if subset is not None:
-            folder.samples = folder.samples[:subset]
+                             color_jitter=color_jitter, seed=seed).subset(subset)
         return ImageFolderLoader(folder, batch_size, train, device, seed, rank, world, workers, channels_last)
     data = load_arrays(name, train, data_dir)
     return DeviceLoader(data.subset(subset), batch_size, train, device, seed, rank, world,

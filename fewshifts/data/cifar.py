@@ -56,31 +56,46 @@ def safe_unpickle(data: bytes, source: str) -> object:
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:
-        raise ValueError(f"{source}: not a valid CIFAR batch ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{source}: not a valid CIFAR file ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_dict(read, name: str, where: str) -> tuple[dict, str]:
+    """(the unpickled dict of CIFAR file ``name``, its source for messages)."""
+    source = f"{where}/{name}"
+    d = safe_unpickle(read(name), source)
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: CIFAR file should hold a dict instead of {type(d).__name__}")
+    return d, source
 
 
 def _key(d: dict, key: bytes, source: str):
     for k in (key, key.decode()):
         if k in d:
             return d[k]
-    raise ValueError(f"{source}: CIFAR batch has no {key.decode()!r} entry")
+    raise ValueError(f"{source}: no {key.decode()!r} entry")
 
 
 def _read_batches(read, names: list[str], label_key: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for name in names:
-        source = f"{where}/{name}"
-        batch = safe_unpickle(read(name), source)
-        if not isinstance(batch, dict):
-            raise ValueError(f"{source}: CIFAR batch should be a dict instead of {type(batch).__name__}")
+        batch, source = _read_dict(read, name, where)
         data, lab = np.asarray(_key(batch, b"data", source)), np.asarray(_key(batch, label_key, source))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{source}: data should be uint8 (N, 3072) instead of {data.dtype} {data.shape}")
+        if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"{source}: {label_key.decode()} should be integers (N,) instead of {lab.dtype} "
+                             f"{lab.shape}")
         if len(lab) != len(data):
             raise ValueError(f"{source}: {len(lab)} labels for {len(data)} images")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(lab.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_classes(read, meta: str, names_key: bytes, where: str) -> tuple[str, ...]:
+    """The class names in the meta file."""
+    meta_dict, source = _read_dict(read, meta, where)
+    return tuple(c.decode() if isinstance(c, bytes) else str(c) for c in _key(meta_dict, names_key, source))
 
 
 def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, train: bool = True,
@@ -97,18 +112,17 @@ def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, trai
         where = str(extracted)
         read = lambda n: _read_bytes(extracted / n)
         images, labels = _read_batches(read, names, label_key, where)
-        meta_dict = safe_unpickle(read(meta), f"{where}/{meta}")
+        classes = _read_classes(read, meta, names_key, where)
     else:
         tar_path = _find_or_download_tar(tar_name, remote, data_dir, download)
         try:
             with tarfile.open(tar_path, "r:gz") as tar:
                 read = lambda n: _tar_member(tar, f"{folder}/{n}", tar_path)
                 images, labels = _read_batches(read, names, label_key, str(tar_path))
-                meta_dict = safe_unpickle(read(meta), f"{tar_path}:{meta}")
+                classes = _read_classes(read, meta, names_key, str(tar_path))
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ValueError(f"{tar_path}: corrupt or truncated tarball ({exc})") from exc
         where = str(tar_path)
-    classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in _key(meta_dict, names_key, where))
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise ValueError(f"{where}: labels outside [0, {len(classes)})")
     mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)

@@ -2,7 +2,8 @@
 
 Search order for a dataset folder (design: issue 4): ``--data-dir``, ``$FEWSHIFTS_DATA``,
 ``~/.cache/fewshifts``, then system locations such as Debian's ``/usr/share/datasets``. Each root is
-tried as ``root/<folder>/<file>`` and ``root/<file>``. Downloads go to the first of the user roots.
+tried as ``root/<folder>/<file>`` and ``root/<file>``; a ``--data-dir`` holding only some of the files
+gives a warning naming the missing ones. Downloads go to the first of the user roots.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import os
 import shutil
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +41,19 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The first directory (``root/folder`` or ``root``) holding all of ``names``, or None."""
-    for root in search_roots(data_dir):
-        for d in (root / folder, root):
-            if all((d / n).is_file() for n in names):
-                return d
+    """The first directory (``root/folder`` or ``root``) holding all of ``names``, or None.
+
+    A ``data_dir`` directory holding only some of ``names`` is warned about (naming the missing files) before
+    the other roots are searched.
+    """
+    dirs = [d for root in search_roots(data_dir) for d in (root / folder, root)]
+    for i, d in enumerate(dirs):
+        missing = [n for n in names if not (d / n).is_file()]
+        if not missing:
+            return d
+        if data_dir is not None and i < 2 and len(missing) < len(names):
+            warnings.warn(f"{d} holds only some of the {folder} files ({', '.join(missing)} missing); "
+                          "searching the other data roots", stacklevel=2)
     return None
 
 

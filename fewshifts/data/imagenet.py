@@ -7,6 +7,7 @@ on the device, as for the small datasets.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageEnhance
 from torch import Tensor
 
-from fewshifts.data.tensor import epoch_generator
+from fewshifts.data.tensor import check_batch_size, epoch_generator, shard
 
 __all__ = ["ImageFolder", "ImageFolderLoader", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -84,6 +85,17 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, n: int | None) -> ImageFolder:
+        """``n`` images evenly spaced over the class-sorted list (all when None or more than there are), so
+        that every class keeps its share: the first ``n`` would hold only the first classes."""
+        if n is None:
+            return self
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"subset should be a positive integer instead of {n!r}")
+        folder, total = copy.copy(self), len(self.samples)
+        folder.samples = [self.samples[i * total // n] for i in range(n)] if n < total else list(self.samples)
+        return folder
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
         try:
@@ -109,8 +121,7 @@ class ImageFolderLoader:
     def __init__(self, dataset: ImageFolder, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  seed: int = 0, rank: int = 0, world: int = 1, workers: int = 8, channels_last: bool = False,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        if batch_size % world:
-            raise ValueError(f"batch_size should be a multiple of the {world} processes instead of {batch_size}")
+        check_batch_size(batch_size, world, train, len(dataset), str(dataset.root))
         self.dataset, self.batch_size, self.train, self.device = dataset, batch_size, train, torch.device(device)
         self.seed, self.rank, self.world, self.workers, self.channels_last = seed, rank, world, workers, channels_last
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
@@ -123,13 +134,15 @@ class ImageFolderLoader:
     def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         n, b = len(self.dataset), self.batch_size
         order = torch.randperm(n, generator=epoch_generator(self.seed, epoch)) if self.train else torch.arange(n)
-        per_rank = [order[i * b: (i + 1) * b] for i in range(start, len(self))]
-        per_rank = [s[self.rank * len(s) // self.world: (self.rank + 1) * len(s) // self.world] for s in per_rank]
+        per_rank = [shard(order[i * b: (i + 1) * b], self.rank, self.world).tolist() for i in range(start, len(self))]
         self.dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[s.tolist() for s in per_rank],
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
-        for x, y in loader:
+        loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=[s for s in per_rank if s],
+                                                  num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                                  persistent_workers=False))
+        size = self.dataset.size
+        for indices in per_rank:  # an evaluation batch smaller than world leaves some ranks 0 rows (as DeviceLoader)
+            x, y = next(loader) if indices else (torch.empty(0, 3, size, size, dtype=torch.uint8),
+                                                 torch.empty(0, dtype=torch.int64))
             x = (x.to(self.device, non_blocking=True).float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

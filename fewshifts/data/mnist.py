@@ -30,8 +30,11 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
 
 def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
-    """An unsigned-byte idx file (gzipped or not) of ``ndim`` dimensions; any defect raises ValueError naming it."""
+    """An unsigned-byte idx file (gzipped or not) of ``ndim`` dimensions; any defect raises ValueError naming it
+    (FileNotFoundError when it does not exist)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"idx file not found: {path}")
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
@@ -61,6 +64,8 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, train: bool = True,
     names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
     folder = fetch("fashion-mnist", names, remote, data_dir, download)
     images, labels = read_idx(folder / names[0], 3), read_idx(folder / names[1], 1)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{folder / names[0]}: images should be 28x28 instead of {images.shape[1]}x{images.shape[2]}")
     if len(images) != len(labels):
         raise ValueError(f"{folder / names[1]}: {len(labels)} labels for {len(images)} images in {names[0]}")
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ArrayDataset", "DeviceLoader", "epoch_generator", "shard"]
+__all__ = ["ArrayDataset", "DeviceLoader", "check_batch_size", "epoch_generator", "shard"]
 
 
 @dataclass
@@ -56,6 +56,14 @@ def shard(indices: Tensor, rank: int, world: int) -> Tensor:
     return indices[rank * n // world: (rank + 1) * n // world]
 
 
+def check_batch_size(batch_size: int, world: int, train: bool, examples: int, source: str) -> None:
+    """A global batch splits evenly over ``world`` processes, and training has at least one full batch."""
+    if batch_size < world or batch_size % world:
+        raise ValueError(f"batch_size should be a multiple of the {world} processes instead of {batch_size}")
+    if train and examples < batch_size:
+        raise ValueError(f"{source}: {examples} training examples are fewer than one batch of {batch_size}")
+
+
 class DeviceLoader:
     """Batches of a uint8 :class:`ArrayDataset` kept on ``device``: randperm shuffle, pad-and-crop, flip, normalize.
 
@@ -66,10 +74,7 @@ class DeviceLoader:
     def __init__(self, data: ArrayDataset, batch_size: int, train: bool, device: torch.device | str = "cpu",
                  seed: int = 0, rank: int = 0, world: int = 1, crop_padding: int = 4, flip: bool = True,
                  channels_last: bool = False) -> None:
-        if batch_size < world or batch_size % world:
-            raise ValueError(f"batch_size should be a multiple of the {world} processes instead of {batch_size}")
-        if train and len(data) < batch_size:
-            raise ValueError(f"{data.source}: {len(data)} training examples are fewer than one batch of {batch_size}")
+        check_batch_size(batch_size, world, train, len(data), data.source)
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)

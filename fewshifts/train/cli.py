@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from fewshifts.cli import positive_int
 from fewshifts.train.config import DEFAULTS, HELP, list_presets, resolve
 
 _SHORT = {"out": "DIR", "shift_penalty": "LAMBDA", "freeze_shifts_at": "STEP", "subset": "N", "penalty_p": "P"}
@@ -66,9 +67,9 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_MODEL_FILE", help="run directory or model.safetensors file")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the one the model was trained on)")
     parser.add_argument("--data-dir", help="dataset root searched first")
-    parser.add_argument("--batch-size", type=int, help="evaluation batch size (default: the training run's)")
-    parser.add_argument("--subset", type=int, help="first N test images (default: the training run's)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default: the training run's)")
+    parser.add_argument("--subset", type=positive_int, help="N test images (default: the training run's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast precision")
 
 
@@ -77,15 +78,19 @@ def run_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fewshifts.data import build_loader
+    from fewshifts.data import build_loader, dataset_info
     from fewshifts.models.io import load_model, read_model_file
     from fewshifts.train.loop import evaluate, setup_distributed
 
     try:
-        _, _, extra = read_model_file(args.path)
+        _, spec, extra = read_model_file(args.path)
         dataset = args.dataset or extra.get("dataset")
         if dataset is None:
             raise ValueError(f"{args.path}: the model file does not say its dataset; pass --dataset")
+        in_chans, num_classes, _ = dataset_info(dataset)
+        if (in_chans, num_classes) != (spec["in_chans"], spec["num_classes"]):
+            raise ValueError(f"dataset {dataset} does not fit the model {args.path}: {in_chans} channels and "
+                             f"{num_classes} classes vs the model's {spec['in_chans']} and {spec['num_classes']}")
         _, _, device = setup_distributed(args.device)
         model = load_model(args.path, map_location=device)
         subset = args.subset if args.subset is not None else extra.get("eval_subset")

@@ -21,12 +21,13 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 # key -> (default, help). The one place where a training option is declared.
 _OPTIONS: dict[str, tuple[object, str]] = {
     "model": ("shiftresnet20", "registered model name (fewshifts.list_models())"),
-    "shift": (None, "spatial operator of shift models: sparse | active | grouped | dw | none (model default if unset)"),
+    "shift": (None, "spatial operator of shift models: sparse | active | grouped | dw | none; null: the model's own "
+                    "(needed by models without a shift argument, e.g. --model fenet_100 --shift null)"),
     "model_kwargs": ({}, "extra create_model keyword arguments, as a YAML mapping"),
     "dataset": ("fashion-mnist", "fashion-mnist | cifar10 | cifar100 | imagenet"),
     "data_dir": (None, "dataset root searched first (then $FEWSHIFTS_DATA, ~/.cache/fewshifts, /usr/share/datasets)"),
-    "subset": (None, "train on the first N training images only"),
-    "eval_subset": (None, "evaluate on the first N test images only"),
+    "subset": (None, "train on N training images only: the first N (ImageNet: N spread evenly over the classes)"),
+    "eval_subset": (None, "evaluate on N test images only: the first N (ImageNet: N spread evenly over the classes)"),
     "epochs": (None, "training length in epochs (ignored when steps is set)"),
     "steps": (None, "training length in optimizer steps"),
     "batch_size": (128, "global batch size (split evenly across DDP processes)"),
@@ -133,23 +134,53 @@ def coerce_numbers(cfg: dict) -> dict:
     return out
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _step(v) -> bool:
+    return _number(v) and v >= 0
+
+
+# key -> (test, what it should be); keys whose default is None also accept None. Keys with a float or bool
+# default not listed here should be a number or a boolean.
+_KINDS = {
+    **dict.fromkeys(("steps", "epochs", "batch_size", "eval_batch_size", "subset", "eval_subset", "log_every",
+                     "keep_checkpoints"), (lambda v: _int(v) and v >= 1, "a positive integer")),
+    **dict.fromkeys(("workers", "threads", "eval_every", "ckpt_every"),
+                    (lambda v: _int(v) and v >= 0, "a non-negative integer")),
+    **dict.fromkeys(("warmup", "freeze_shifts_at", "color_jitter_until", "stop_at"),
+                    (_step, "a step count or a fraction (>= 0)")),
+    "milestones": (lambda v: isinstance(v, list) and all(map(_step, v)), "a list of step counts or fractions (>= 0)"),
+    **dict.fromkeys(("shift_lr", "shift_penalty"), (lambda v: _number(v) and v >= 0, "a number >= 0")),
+    "seed": (_int, "an integer"),
+    "model_kwargs": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
 def validate(cfg: dict) -> None:
+    """Check the choices, numbers and booleans up front: a bad value fails before the run starts, naming the key."""
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise ValueError(f"{key} should be one of {choices} instead of {cfg[key]!r}")
     if cfg["steps"] is None and cfg["epochs"] is None:
         raise ValueError("set the training length with steps or epochs")
-    for key in ("steps", "epochs", "batch_size", "subset", "eval_subset"):
-        v = cfg[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{key} should be a positive integer instead of {v!r}")
-    if not isinstance(cfg["model_kwargs"], dict):
-        raise ValueError(f"model_kwargs should be a mapping instead of {cfg['model_kwargs']!r}")
     for key, default in DEFAULTS.items():
-        if isinstance(default, float) and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
-            raise ValueError(f"{key} should be a number instead of {cfg[key]!r}")
-    if cfg["shift_penalty"] < 0:
-        raise ValueError(f"shift_penalty should be >= 0 instead of {cfg['shift_penalty']!r}")
+        value = cfg[key]
+        if key in _KINDS:
+            test, what = _KINDS[key]
+        elif isinstance(default, bool):
+            test, what = (lambda v: isinstance(v, bool)), "true or false"
+        elif isinstance(default, float):
+            test, what = _number, "a number"
+        else:
+            continue
+        if not (value is None and default is None) and not test(value):
+            raise ValueError(f"{key} should be {what} instead of {value!r}")
 
 
 def at_step(value: float | int | None, total: int) -> int | None:

@@ -39,7 +39,7 @@ from fewshifts.models.common import count_params_madds
 from fewshifts.models.io import MODEL_FILE
 from fewshifts.train.checkpoint import list_checkpoints, load_for_resume, save_checkpoint
 from fewshifts.train.config import at_step, check_keys, coerce_numbers, validate
-from fewshifts.train.records import MetricsLog, Progress, format_time, summary_line, write_summary
+from fewshifts.train.records import MetricsLog, Progress, format_time, percent, summary_line, write_summary
 
 __all__ = ["train", "evaluate", "StopTraining"]
 
@@ -81,7 +81,9 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
         try:
             model = create_model(cfg["model"], num_classes=num_classes, in_chans=in_chans, **kwargs)
         except TypeError as exc:
-            raise ValueError(f"model {cfg['model']!r} does not take the arguments {kwargs} ({exc})") from exc
+            hint = ("; for a model without a shift argument pass --shift null (shift: null in YAML)"
+                    if "shift" in kwargs and "'shift'" in str(exc) else "")
+            raise ValueError(f"model {cfg['model']!r} does not take the arguments {kwargs} ({exc}){hint}") from exc
         if weights is not None:
             model.load_state_dict(weights)
         model.to(device)
@@ -197,8 +199,8 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                     progress.update(step, stats, eta)
                     metrics.scalars(step, {"train/loss": stats["loss"], "train/acc": stats["acc"],
                                            "train/img_per_s": stats["img_per_s"], "lr": optimizer.param_groups[0]["lr"],
-                                           **({"shifts/sparsity": stats["sparsity"]} if stats["sparsity"] == stats[
-                                               "sparsity"] else {})})
+                                           **({"shifts/sparsity": stats["sparsity"]} if stats["sparsity"] is not None
+                                              else {})})
                     t_window, n_window = now, 0
                 if step % per_epoch == 0 or step == total:  # ------------------------------ epoch end
                     progress.end_epoch()
@@ -207,7 +209,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                         penalty = float(shift_penalty(model, p))
                     row = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"],
                                train_loss=float(sums[0] / sums[2]), train_acc=float(sums[1] / sums[2]),
-                               sparsity=shift_sparsity(model), penalty=penalty,
+                               sparsity=model_sparsity(model), penalty=penalty,
                                img_per_s=steps_in_epoch * cfg["batch_size"] / (time.perf_counter() - t_epoch),
                                elapsed_s=elapsed_before + time.perf_counter() - timer_start)
                     if step == total or (cfg["eval_every"] and (epoch + 1) % cfg["eval_every"] == 0):
@@ -218,7 +220,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                         metrics.epoch(row)
                         test = f" test acc {100 * row['test_acc']:.2f}%" if "test_acc" in row else ""
                         progress.log(f"epoch {epoch + 1}/{epochs} step {step}: train loss {row['train_loss']:.4f} "
-                                     f"acc {100 * row['train_acc']:.2f}%{test} sparsity {100 * row['sparsity']:.1f}%"
+                                     f"acc {100 * row['train_acc']:.2f}%{test} sparsity {percent(row['sparsity'])}"
                                      f" [{format_time(row['elapsed_s'])}]")
                     last_saved = checkpoint(step)
                 elif cfg["ckpt_every"] and step % cfg["ckpt_every"] == 0:
@@ -247,7 +249,7 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
                 model=cfg["model"], model_spec=model.model_spec, dataset=cfg["dataset"], preset=cfg.get("preset"),
                 test_acc=eval_result[1], test_loss=eval_result[0], test_images=len(test_loader.labels)
                 if hasattr(test_loader, "labels") else len(test_loader.dataset),
-                sparsity=shift_sparsity(model),
+                sparsity=model_sparsity(model),
                 layer_sparsity={name: m.sparsity() for name, m in shift_layers(model)},
                 params=sum(t.numel() for t in model.parameters()),
                 madds=int(count_params_madds(model, (in_chans, image_size, image_size), device)[1]),
@@ -276,7 +278,12 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device should be auto, cpu, cuda or cuda:N instead of {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} is not available: PyTorch sees no CUDA GPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -331,7 +338,13 @@ def lr_factor(schedule: str, step: int, total: int, milestones: list[int], gamma
 
 def running_stats(running: Tensor, model: nn.Module) -> dict:
     loss, correct, count = running.tolist()
-    return dict(loss=loss / max(count, 1), acc=correct / max(count, 1), sparsity=shift_sparsity(model))
+    return dict(loss=loss / max(count, 1), acc=correct / max(count, 1), sparsity=model_sparsity(model))
+
+
+def model_sparsity(model: nn.Module) -> float | None:
+    """Fraction of shift channels at (0, 0); None (JSON null, shown as n/a) for a model without shift layers."""
+    sparsity = shift_sparsity(model)
+    return None if math.isnan(sparsity) else sparsity
 
 
 def all_reduce(t: Tensor, world: int) -> Tensor:

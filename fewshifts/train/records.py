@@ -15,8 +15,9 @@ METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", 
                  "img_per_s", "elapsed_s"]
 
 
-def percent(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}%"
+def percent(x: float | None) -> str:
+    """``12.3%``; ``n/a`` for a missing (None or NaN) value."""
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 def format_time(seconds: float) -> str:
