@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -39,6 +40,17 @@ def reexec_with_tcmalloc(command: list[str]) -> None:
     os.execve(command[0], command, env)
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of the commands' counts and sizes: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be a positive integer instead of {text!r}")
+    return value
+
+
 def _usage() -> str:
     lines = ["usage: fewshifts COMMAND [options]   (fewshifts COMMAND --help for a command's options)", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
@@ -54,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"fewshifts: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    import argparse
-
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"fewshifts {name}", description=COMMANDS[name][1])
     getattr(module, f"configure_{name}")(parser)

@@ -131,5 +131,14 @@ def test_bad_inputs(model_file, tmp_path, capsys):
     assert main(["analyze", str(junk)]) == 2 and "not a readable safetensors" in capsys.readouterr().err
 
 
+def test_prune_option_errors(model_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", str(model_file), "--limit", "0", "--remove", "1"])
+    assert exit_.value.code == 2 and "--limit: should be a positive integer instead of '0'" in capsys.readouterr().err
+    saved = tmp_path / "pruned.safetensors"
+    assert main(["prune", str(model_file), "--no-eval", "--save", str(saved), "--out", str(tmp_path)]) == 2
+    assert "pass --remove K" in capsys.readouterr().err and not saved.exists()
+
+
 def test_run_functions_exist():
     assert callable(run_analyze) and callable(run_prune)

@@ -108,6 +108,26 @@ def test_deployed_model_runs_in_inference_mode_and_batch_sizes():
     _assert_same(model, deployed, torch.randn(3, 3, 40, 24))  # another spatial size than the example
 
 
+@pytest.mark.parametrize("options", [{}, dict(inplace=False), dict(lowered=True)])
+def test_deployed_model_saves_and_loads(options, tmp_path):
+    """fx keeps string annotations (``from __future__ import annotations``) as globals torch.save cannot pickle."""
+    model = _prepared("fenet_100", small_input=True)
+    x = torch.randn(2, 3, 28, 28)
+    deployed = deploy(model, example_input=x[:1], **options)
+    torch.save(deployed, tmp_path / "deployed.pt")
+    loaded = torch.load(tmp_path / "deployed.pt", weights_only=False)
+    _assert_same(model, loaded, x)
+
+
+@pytest.mark.parametrize("shift", ["sparse", "active"])
+def test_deploy_keeps_the_model_dtype(shift):
+    model = _prepared("shiftresnet20", shift=shift).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    deployed = deploy(model, example_input=x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), rtol=1e-10, atol=1e-10)
+
+
 def test_deploy_rejects_unknown_memory_format():
     with pytest.raises(ValueError, match="memory_format should be one of"):
         deploy(create_model("shiftresnet20"), memory_format="nhwc")
@@ -221,6 +241,17 @@ def test_bench_smoke(tmp_path):
     assert "| ShiftResNet-20 90% | 2 |" in text and "## Targets" in text
     with pytest.raises(ValueError, match="not registered"):
         run_benchmark([BenchCase("x", "no_such_model")], log=lambda s: None)
+
+
+def test_bench_cli_rejects_non_positive_options(tmp_path, capsys, monkeypatch):
+    from fewshifts.cli import main
+    from fewshifts.deploy import bench
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda **kwargs: pytest.fail("benchmark ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--batch", "1", "0", "--out", str(tmp_path / "b.md")])
+    assert exit_.value.code == 2 and "--batch: should be a positive integer instead of '0'" in capsys.readouterr().err
+    assert not (tmp_path / "b.md").exists()
 
 
 def test_interleaved_times_runs_every_form_once_per_round_in_changing_orders():

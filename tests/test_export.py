@@ -92,3 +92,11 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "no such model file" in capsys.readouterr().err
     assert main(["export", str(tmp_path)]) == 2
     assert "nothing to do" in capsys.readouterr().err
+    model_file = save_model(create_model("resnet20", num_classes=10), tmp_path / "m.safetensors")
+    onnx = ["export", str(model_file), "--onnx", str(tmp_path / "x.onnx")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*onnx, "--input-size", "1", "0", "28"])
+    assert exit_.value.code == 2 and "should be a positive integer instead of '0'" in capsys.readouterr().err
+    assert main([*onnx, "--opset", "3"]) == 2
+    assert "opset should be an integer in [11, 23] instead of 3" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

@@ -106,11 +106,24 @@ def test_param_groups_no_decay_on_shifts_and_norms():
     (lambda: SparseShift2d(0), "channels should be a positive integer"),
     (lambda: ActiveShift2d(4, stride=3), "stride should be 1 or 2"),
     (lambda: SparseShift2d(4, init_range=-1.0), "init_range"),
+    (lambda: SparseShift2d(4, init_range=float("inf")), "init_range should be a finite non-negative number"),
     (lambda: GroupedShift2d(4, kernel_size=2), "odd"),
 ])
 def test_layer_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_grouped_shift_refuses_non_integral_shifts():
+    grouped, sparse = GroupedShift2d(4), SparseShift2d(4)
+    before = grouped.shifts.clone()
+    sparse.shifts.data.fill_(0.9)
+    with pytest.raises(RuntimeError, match="shifts: GroupedShift2d holds integer shifts"):
+        grouped.load_state_dict(sparse.state_dict())
+    assert torch.equal(grouped.shifts, before)
+    sparse.shifts.data.fill_(-1.0)  # integral float values load
+    grouped.load_state_dict(sparse.state_dict())
+    assert grouped.shifts.dtype == torch.int64 and bool((grouped.shifts == -1).all())
 
 
 def test_layer_stride_must_be_an_integer():

@@ -262,10 +262,28 @@ def test_fenet_block_mixes_only_the_last_channels():
     ("shift_resnet101_cifar", dict(shift="dw"), "shift should be one of"),
     ("asnet20", dict(base_width=0), "base_width should be a positive integer"),
     ("as_resnet_w32", dict(shift="bogus"), "shift should be one of"),
+    ("shiftresnet20", dict(expansion=0), "expansion should be a positive integer"),
+    ("shiftresnet20", dict(expansion=-1), "expansion should be a positive integer"),
+    ("shiftresnet20", dict(expansion=1.5), "expansion should be a positive integer"),
+    ("resnet20", dict(drop_rate=-1), r"drop_rate should be a number in \[0, 1\)"),
+    ("resnet20", dict(drop_rate=2.0), r"drop_rate should be a number in \[0, 1\)"),
+    ("fenet_100", dict(drop_rate="x"), r"drop_rate should be a number in \[0, 1\)"),
 ])
 def test_bad_arguments(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", [None, ["resnet20"]])
+def test_model_name_should_be_a_str(name):
+    with pytest.raises(TypeError, match="model name should be a str"):
+        create_model(name)
+
+
+@pytest.mark.parametrize("kwargs", [dict(shift="sparse"), dict(expansion=3), dict(foo=1)])
+def test_resnet_rejects_unknown_kwargs(kwargs):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(kwargs))}'"):
+        create_model("resnet20", **kwargs)
 
 
 def test_variant_round_trips_through_model_file(tmp_path):
@@ -274,6 +292,30 @@ def test_variant_round_trips_through_model_file(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    (dict(name="resnet20", in_chans=3), "architecture lacks 'num_classes'"),
+    (["resnet20", 10, 3], "architecture should be a JSON object"),
+    (dict(name="resnet20", num_classes=10, in_chans=3, kwargs=dict(shift="sparse")),
+     "does not build a model .*unexpected keyword argument 'shift'"),
+])
+def test_load_model_reports_damaged_metadata(tmp_path, spec, message):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "damaged.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"fewshifts_model": json.dumps(spec)})
+    with pytest.raises(ValueError, match=f"damaged.safetensors: .*{message}"):
+        load_model(path)
+
+
+def test_save_model_names_the_argument_it_cannot_record(tmp_path):
+    model = create_model("mobilenetv2_100", act_layer=nn.ReLU)
+    with pytest.raises(ValueError, match=r"model argument act_layer=.* cannot be recorded"):
+        save_model(model, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 def test_zoo_cli_writes_markdown(tmp_path, capsys):

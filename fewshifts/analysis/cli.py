@@ -13,6 +13,7 @@ from torch import nn
 from fewshifts.analysis.plots import plot_displacements, plot_real_shifts
 from fewshifts.analysis.prune import accuracy, prune_markdown, prune_table, remove_shift_layers_
 from fewshifts.analysis.report import load_for_analysis, shift_report
+from fewshifts.cli import positive_int
 from fewshifts.layers import shift_layers
 
 
@@ -67,10 +68,10 @@ def configure_prune(parser: argparse.ArgumentParser) -> None:
                         help="remove the K least important shift layers (default: table for K = 0..all)")
     parser.add_argument("--dataset", help="evaluation dataset (default: the one recorded with the model)")
     parser.add_argument("--data-dir", help="dataset folder")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test examples")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N test examples")
+    parser.add_argument("--batch-size", type=positive_int, default=500)
     parser.add_argument("--no-eval", action="store_true", help="sparsity only, no accuracy")
-    parser.add_argument("--save", help="with --remove: write the pruned model file here")
+    parser.add_argument("--save", help="with --remove: write the pruned model file here (needs --remove)")
     parser.add_argument("--out", help="output folder for prune.md / prune.json (default: <run>/analysis)")
 
 
@@ -101,6 +102,10 @@ def dataset_evaluator(dataset: str, data_dir: str | None = None, limit: int | No
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    if args.save and args.remove is None:
+        print("error: --save writes the pruned model: pass --remove K to say how many shift layers to remove",
+              file=sys.stderr)
+        return 2
     loaded = _load(args.checkpoint)
     if loaded is None:
         return 2
@@ -131,7 +136,7 @@ def run_prune(args: argparse.Namespace) -> int:
     (out / "prune.md").write_text(markdown)
     (out / "prune.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown)
-    if args.save and args.remove is not None:
+    if args.save:
         from fewshifts.models.io import save_model
 
         remove_shift_layers_(model, args.remove)

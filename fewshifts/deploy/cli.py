@@ -8,14 +8,17 @@ from pathlib import Path
 
 import torch
 
+from fewshifts.cli import positive_int
+from fewshifts.deploy.export import MAX_OPSET, MIN_OPSET
+
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="model file (.safetensors) or run directory")
     parser.add_argument("--onnx", metavar="OUT.onnx", help="write ONNX (integer shifts as Slice/Pad/Concat)")
     parser.add_argument("--program", metavar="OUT.pt2", help="write a torch.export program (torch.export.save)")
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+    parser.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                         help="example input size (default: the model's default_cfg)")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset ({MIN_OPSET}..{MAX_OPSET})")
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
@@ -35,7 +38,11 @@ def run_export(args: argparse.Namespace) -> int:
     size = tuple(args.input_size) if args.input_size else tuple(model.default_cfg["input_size"])
     x = torch.randn(2, *size)
     if args.onnx:
-        path = export_onnx(model, args.onnx, x, opset=args.opset, dynamo=args.dynamo)
+        try:
+            path = export_onnx(model, args.onnx, x, opset=args.opset, dynamo=args.dynamo)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {path}")
         if not args.no_check:
             err = check_onnx(path, model, [torch.randn(1, *size), torch.randn(3, *size)])
@@ -53,10 +60,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="docs/benchmarks/latency.md", help="markdown report path")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 32])
+    parser.add_argument("--size", type=positive_int, default=224)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--no-onnx", action="store_true", help="skip onnxruntime")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-operator breakdown")
     parser.add_argument("--json", help="also write the raw results as JSON")

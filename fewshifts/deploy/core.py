@@ -136,7 +136,8 @@ def deploy(model: nn.Module, example_input: Tensor | None = None, memory_format:
     this project's AVX2 benchmark machine deployed FE-Net 1.0x SSL (90% unshifted) took 1.3-1.5x as long in
     NCHW at batch 1 and 32 (docs/benchmarks/latency.md), so channels_last is the fixed default.
     ``inplace=False`` avoids in-place shifts and write-back; ``lowered=True`` also writes integer shifts
-    with standard operators (Slice / Pad / Concat), the form exported to ONNX.
+    with standard operators (Slice / Pad / Concat), the form exported to ONNX. The deployed model keeps the
+    model's dtype (float32 is the fast path: oneDNN convolutions with prepacked weights).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model should be an nn.Module instead of {type(model).__name__}")
@@ -144,12 +145,13 @@ def deploy(model: nn.Module, example_input: Tensor | None = None, memory_format:
         raise ValueError(f"memory_format should be one of {tuple(_MEMORY_FORMATS)} instead of {memory_format!r}")
     if lowered:
         inplace = False
-    model = copy.deepcopy(model).eval().cpu().float()
+    model = copy.deepcopy(model).eval().cpu()
     for p in model.parameters():
         p.requires_grad_(False)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if example_input is None:
         example_input = torch.randn(1, *_input_size(model))
-    example_input = example_input.detach().cpu().float()
+    example_input = example_input.detach().cpu().to(dtype)
     shapes = _record_input_shapes(model, example_input)
     passes = _Passes(inplace=inplace, lowered=lowered)
     for name, gm, parent in _traced_roots(model, "", shapes):
@@ -386,7 +388,7 @@ def _bilinear_module(layer: ActiveShift2d) -> nn.Module:
     if radius > MAX_BILINEAR_RADIUS:
         return copy.deepcopy(layer)
     conv = nn.Conv2d(layer.channels, layer.channels, kernel.shape[-1], layer.stride, radius, groups=layer.channels,
-                     bias=False)
+                     bias=False, dtype=layer.shifts.dtype)
     conv.weight.data.copy_(kernel.to(conv.weight.dtype))
     conv.requires_grad_(False)
     return conv

@@ -11,7 +11,10 @@ from torch import Tensor, nn
 
 from fewshifts.deploy.core import deploy
 
-__all__ = ["export_onnx", "check_onnx", "export_program"]
+__all__ = ["export_onnx", "check_onnx", "export_program", "MIN_OPSET", "MAX_OPSET"]
+
+# the lowered shifts slice and pad by sizes computed from the input shape (opset 11); torch 2.13 writes up to 23
+MIN_OPSET, MAX_OPSET = 11, 23
 
 
 def _example(model: nn.Module, example_input: Tensor | None, batch: int = 1) -> Tensor:
@@ -27,7 +30,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
 
     Integer shifts become Slice / Pad / Concat, active shifts a depthwise Conv, BN is folded. The default
     TorchScript-based exporter is several times faster than ``dynamo=True`` and gives the same operators.
+    ``opset``: :data:`MIN_OPSET` to :data:`MAX_OPSET` (at least 18 with ``dynamo=True``).
     """
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset should be an integer in [{MIN_OPSET}, {MAX_OPSET}] instead of {opset!r}")
     x = _example(model, example_input)
     lowered = deploy(model, example_input=x[:1], memory_format="contiguous", lowered=True).eval()
     path = Path(path)

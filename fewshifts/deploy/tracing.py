@@ -142,13 +142,20 @@ class ConcreteTracer(LeafTracer):
 
 def trace(module: nn.Module, example_args: tuple | None) -> fx.GraphModule | None:
     """``module`` as a GraphModule (symbolic tracing, else concrete tracing with ``example_args``), or None."""
-    name = module.__class__.__name__
     try:
-        return fx.GraphModule(module, LeafTracer().trace(module), name)
+        return _graph_module(module, LeafTracer().trace(module))
     except Exception:
         if example_args is None:
             return None
     try:
-        return fx.GraphModule(module, ConcreteTracer(example_args).trace(module), name)
+        return _graph_module(module, ConcreteTracer(example_args).trace(module))
     except Exception:
         return None
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """GraphModule without the nodes' type annotations: under ``from __future__ import annotations`` they are
+    strings (``'Tensor'``), which fx's generated code keeps as globals that ``torch.save`` cannot pickle."""
+    for node in graph.nodes:
+        node.type = None
+    return fx.GraphModule(module, graph, module.__class__.__name__)

@@ -77,6 +77,17 @@ class GroupedShift2d(ShiftLayer):
     def forward(self, x: Tensor) -> Tensor:
         return shift2d(x, self.shifts, self.stride)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Refuses non-integral shifts (a sparse / active layer's), which the integer buffer would truncate."""
+        shifts = state_dict.get(prefix + "shifts")
+        if isinstance(shifts, Tensor) and shifts.is_floating_point() and not torch.equal(shifts, shifts.round()):
+            error_msgs.append(f"{prefix}shifts: GroupedShift2d holds integer shifts, got non-integral values "
+                              "(round them first)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}, connectivity={self.connectivity}"
 
@@ -84,8 +95,8 @@ class GroupedShift2d(ShiftLayer):
 class _LearnedShift2d(ShiftLayer):
     def __init__(self, channels: int, init_range: float = 1.0, stride: int = 1) -> None:
         super().__init__(channels, stride)
-        if not (isinstance(init_range, (int, float)) and init_range >= 0 and init_range == init_range):
-            raise ValueError(f"init_range should be a non-negative number instead of {init_range!r}")
+        if not (isinstance(init_range, (int, float)) and 0 <= init_range < float("inf")):
+            raise ValueError(f"init_range should be a finite non-negative number instead of {init_range!r}")
         self.init_range = float(init_range)
         self.shifts = nn.Parameter(torch.empty(channels, 2))
         self.reset_parameters()

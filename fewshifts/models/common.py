@@ -172,6 +172,8 @@ class Classifier(nn.Module):
     default_cfg: dict
 
     def init_head(self, num_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate should be a number in [0, 1) instead of {drop_rate!r}")
         self.num_features = num_features
         self.drop_rate = drop_rate
         self.global_pool = nn.AdaptiveAvgPool2d(1)

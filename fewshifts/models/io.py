@@ -30,10 +30,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     """Write weights and architecture atomically (temp file + ``os.replace``); ``extra`` goes in the metadata."""
     from safetensors.torch import save_file
 
+    spec = model_spec(model)
+    for key, value in spec["kwargs"].items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"model argument {key}={value!r} cannot be recorded in a model file ({exc})") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"fewshifts_model": json.dumps(model_spec(model))}
+    metadata = {"fewshifts_model": json.dumps(spec)}
     if extra:
         metadata["fewshifts_extra"] = json.dumps(extra)
     tmp = path.with_name(path.name + ".tmp")
@@ -64,14 +70,26 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict, dict]:
         extra = json.loads(metadata.get("fewshifts_extra", "{}"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt fewshifts metadata ({exc})") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs", {}), dict):
+        raise ValueError(f"{path}: corrupt fewshifts metadata (architecture should be a JSON object with a "
+                         f"'kwargs' object instead of {spec!r})")
+    missing = [k for k in ("name", "num_classes", "in_chans") if k not in spec]
+    if missing:
+        raise ValueError(f"{path}: corrupt fewshifts metadata (architecture lacks {', '.join(map(repr, missing))})")
     return state, spec, extra
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_model` (file or run directory); weights loaded strictly."""
+    """Rebuild a model saved by :func:`save_model` (file or run directory); weights loaded strictly.
+
+    Raises ValueError, naming the file, when its metadata does not build a model or the weights do not fit it.
+    """
     state, spec, _ = read_model_file(path)
-    model = create_model(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
-                         **spec.get("kwargs", {}))
+    try:
+        model = create_model(spec["name"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
+                             **spec.get("kwargs", {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: recorded architecture {spec!r} does not build a model ({exc})") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

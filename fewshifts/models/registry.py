@@ -27,6 +27,8 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build a registered model; keyword arguments select its variant (``shift=``, ``width=``, ...)."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name should be a str instead of {type(name).__name__}")
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see fewshifts.list_models()"

@@ -28,7 +28,7 @@ __all__ = ["CifarResNet", "BasicBlock", "CSCBlock"]
 class BasicBlock(nn.Module):
     """ResNet basic block: 3x3 conv - BN - ReLU - 3x3 conv - BN, + shortcut, ReLU."""
 
-    def __init__(self, cin: int, cout: int, stride: int, **_) -> None:
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = ConvBN(cin, cout, 3, stride, act_layer=nn.ReLU)
         self.conv2 = ConvBN(cout, cout, 3)
@@ -46,6 +46,7 @@ class CSCBlock(nn.Module):
                  mid_width: str = "input") -> None:
         super().__init__()
         check_choice("mid_width", mid_width, ("input", "output"))
+        check_positive("expansion", expansion)
         mid = (cin if mid_width == "input" else cout) * expansion
         self.expand = ConvBN(cin, mid, 1, act_layer=nn.ReLU)
         self.shift = make_spatial(shift, mid)
