@@ -91,6 +91,32 @@ def test_permutation_groups_displacements_unshifted_first():
             assert len(set(displacements)) == len(displacements), "each displacement should be one contiguous run"
 
 
+
+
+@pytest.mark.parametrize("groups", [(1, 1), (2, 1), (1, 2)], ids=["dense", "grouped-producer", "grouped-consumer"])
+def test_permutation_keeps_grouped_convolutions(groups):
+    """A grouped 1x1 conv's channels belong to its groups: the pass must not reorder them (it did for a producer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1, groups=groups[0]), nn.BatchNorm2d(8), nn.ReLU(),
+                          SparseShift2d(8, init_range=1.5), nn.Conv2d(8, 8, 1, groups=groups[1]))
+    model = randomize_batchnorm_(model, seed=0).eval()
+    x = torch.randn(2, 8, 9, 9)
+    _assert_same(model, deploy(model, example_input=x[:1]), x)
+
+@pytest.mark.parametrize("lowered", [False, True])
+def test_permutation_passes_squeeze_excite(lowered):
+    """FE-Net SE v2 (SSL Fig. 7b): the shift feeds the SE mean and the gate product; channels are still sorted
+    (the gate's fc2 rows reordered too), so each displacement is one run as without SE."""
+    model = _prepared("fenet_100", se="v2", small_input=True)
+    x = torch.randn(2, 3, 28, 28)
+    deployed = deploy(model, example_input=x[:1], lowered=lowered)
+    shifts = [m for m in deployed.modules() if isinstance(m, IntegerShift)]
+    assert len(shifts) == 17
+    for m in shifts:
+        displacements = [(dy, dx) for _, _, dy, dx in m.runs]
+        assert displacements[0] == (0, 0) and len(set(displacements)) == len(displacements)
+    _assert_same(model, deployed, x)
+
 def test_all_zero_shifts_deploy_to_pure_1x1_convs():
     model = _prepared("shiftresnet20", shift="sparse", unshifted=1.0)
     deployed = deploy(model, example_input=torch.randn(1, 3, 32, 32))

@@ -10,7 +10,8 @@ traced is handled child by child) and rewritten by graph passes that keep the ou
    weights (design.md section 4: the fastest exact form on CPU).
 3. Channels permuted so equal displacements are contiguous and the unshifted group comes first: the
    producing 1x1 convolution (through BN / activations / pooling) has its output channels and the consuming
-   convolutions their input channels reordered. The shift then runs in place on the shifted channels only.
+   convolutions their input channels reordered (through a squeeze-excite too: its mean, and its gate product
+   with the gate's convolution reordered). The shift then runs in place on the shifted channels only.
 4. FE-Block units write their output back into the input's memory instead of concatenating
    (``cat([x[:, :k], f(x[:, k:])])`` -> ``x[:, k:] = f(...)``, or ``+=`` for a residual unit).
 5. Identity / eval-mode dropout removed; channels_last memory format by default.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -408,6 +410,37 @@ def _is_per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _PER_CHANNEL_METHOD
 
 
+def _is_dense_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An ungrouped ``nn.Conv2d`` (a grouped one's channels cannot be reordered freely)."""
+    return _is(gm, node, nn.Conv2d) and _module(gm, node).groups == 1
+
+
+def _is_spatial_mean(node: fx.Node) -> bool:
+    """``x.mean((2, 3), keepdim=True)`` of a 4-D ``x``: one value per channel (a permutation passes through)."""
+    if not ((node.op == "call_method" and node.target == "mean")
+            or (node.op == "call_function" and node.target is torch.mean)):
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return (isinstance(node.args[0], fx.Node) and _channels(node.args[0]) is not None and keepdim is True
+            and isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3])
+
+
+def _channel_gate(gm: fx.GraphModule, node: fx.Node, x: fx.Node, channels: int):
+    """(conv, per-channel ops) when ``node`` is ``x * act(conv(...))`` (an SE gate), the conv giving ``channels``
+    channels and it and the ops used only there; else None."""
+    if node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2 \
+            or node.kwargs or list(node.args).count(x) != 1:
+        return None
+    chain, gate = [], node.args[1] if node.args[0] is x else node.args[0]
+    while isinstance(gate, fx.Node) and _is_per_channel(gm, gate) and len(gate.users) == 1:
+        chain.append(gate)
+        gate = gate.args[0]
+    if _is_dense_conv(gm, gate) and len(gate.users) == 1 and _module(gm, gate).out_channels == channels:
+        return gate, chain
+    return None
+
+
 def _permute_neighbours(gm: fx.GraphModule, shift_node: fx.Node, perm: Tensor, uses: dict[str, int]) -> bool:
     """Reorder the producer's output and the consumers' input channels by ``perm``; False if not possible."""
     # producer: back through per-channel ops (each used once) to a dense convolution used once
@@ -415,30 +448,36 @@ def _permute_neighbours(gm: fx.GraphModule, shift_node: fx.Node, perm: Tensor, u
     while isinstance(node, fx.Node) and _is_per_channel(gm, node) and len(node.users) == 1:
         chain.append(node)
         node = node.args[0]
-    if not (isinstance(node, fx.Node) and _is(gm, node, nn.Conv2d) and len(node.users) == 1):
+    if not (isinstance(node, fx.Node) and _is_dense_conv(gm, node) and len(node.users) == 1):
         return False
     producer = node
     # consumers: forward through per-channel ops to dense convolutions, nothing else
-    consumers, after, frontier = [], [], list(shift_node.users)
+    # (a squeeze-excite's mean and its gate product pass too; the gate's convolution is a producer)
+    consumers, after, producers, frontier = [], [], [producer], [(u, shift_node) for u in shift_node.users]
     while frontier:
-        user = frontier.pop()
-        if _is(gm, user, nn.Conv2d) and _module(gm, user).groups == 1 and user.args[0] is not None:
+        user, source = frontier.pop()
+        gate = _channel_gate(gm, user, source, len(perm))
+        if _is_dense_conv(gm, user) and user.args[0] is not None:
             consumers.append(user)
-        elif _is_per_channel(gm, user):
-            after.append(user)
-            frontier.extend(user.users)
+        elif _is_per_channel(gm, user) or _is_spatial_mean(user) or gate is not None:
+            if gate is not None:
+                producers.append(gate[0])
+                chain += gate[1]
+            else:
+                after.append(user)
+            frontier.extend((u, user) for u in user.users)
         else:
             return False
-    modules = [producer, *chain, *consumers, *after]
+    modules = [*producers, *chain, *consumers, *after]
     if any(n.op == "call_module" and uses[n.target] != 1 for n in modules):
         return False
     if any(n.op != "call_module" and len(n.args) > 1 and any(isinstance(a, fx.Node) for a in n.args[1:])
            for n in chain + after):
         return False
-    conv = _module(gm, producer)
-    conv.weight.data = conv.weight.data[perm].contiguous()
-    if conv.bias is not None:
-        conv.bias.data = conv.bias.data[perm].contiguous()
+    for conv in map(partial(_module, gm), producers):
+        conv.weight.data = conv.weight.data[perm].contiguous()
+        if conv.bias is not None:
+            conv.bias.data = conv.bias.data[perm].contiguous()
     for n in chain + after:
         m = _module(gm, n)
         if isinstance(m, nn.BatchNorm2d):
