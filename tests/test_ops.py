@@ -347,6 +347,18 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fewshifts.shift2d_.default, (x.detach().clone(), ints))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_opcheck_16_bit(dtype, layout):
+    """Fake kernels, autograd and the kernels agree on dtype and memory format for the 16-bit types too."""
+    x = _input((2, 4, 6, 5), layout, dtype=torch.float32).to(dtype).requires_grad_()
+    real = _real_shifts(4).float().requires_grad_()
+    for stride in (1, 2):
+        torch.library.opcheck(torch.ops.fewshifts.shift2d.default, (x, _int_shifts(4), stride))
+        for op in ("active_shift2d", "sparse_shift2d", "relu_sparse_shift2d"):
+            torch.library.opcheck(getattr(torch.ops.fewshifts, op).default, (x, real, stride))
+
+
 class _AllShifts(torch.nn.Module):
     def __init__(self):
         super().__init__()
