@@ -98,6 +98,9 @@ def test_prune_cli_table_and_save(model_file, tmp_path, capsys):
     from fewshifts.models import load_model
 
     assert sum(m.sparsity() == 1.0 for _, m in shift_layers(load_model(saved))) == 4  # the 2 all-zero layers rank first
+    from fewshifts.models.io import read_model_file
+
+    assert read_model_file(saved)[2] == {"dataset": "x", "pruned_shift_layers": 4}  # eval finds the dataset
 
 
 def test_prune_with_evaluator(model_file, monkeypatch, tmp_path):

@@ -87,6 +87,19 @@ def test_export_cli(tmp_path, capsys):
     assert "onnxruntime vs PyTorch" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_export_cli_takes_the_recorded_dataset_size(tmp_path, capsys):
+    """A Fashion-MNIST run's model (a CIFAR family: default_cfg 32x32) exports for the 28x28 images it knows."""
+    import onnx
+
+    model = create_model("shiftresnet20", num_classes=10, in_chans=1)
+    model_file = save_model(model, tmp_path / "m.safetensors", extra={"dataset": "fashion-mnist"})
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(model_file), "--onnx", str(out)]) == 0
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
 def test_export_cli_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.safetensors"), "--onnx", str(tmp_path / "x.onnx")]) == 2
     assert "no such model file" in capsys.readouterr().err

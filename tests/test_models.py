@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 
 import pytest
 import torch
@@ -288,7 +289,11 @@ def test_resnet_rejects_unknown_kwargs(kwargs):
 
 def test_variant_round_trips_through_model_file(tmp_path):
     model = create_model("fenet_100", num_classes=10, in_chans=1, small_input=True, se="v2")
-    loaded = load_model(save_model(model, tmp_path / "m.safetensors")).eval()
+    path = save_model(model, tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user makes (safetensors writes 0600)
+    loaded = load_model(path).eval()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))

@@ -140,5 +140,7 @@ def run_prune(args: argparse.Namespace) -> int:
         from fewshifts.models.io import save_model
 
         remove_shift_layers_(model, args.remove)
-        print(f"wrote {save_model(model, args.save, extra=dict(pruned_shift_layers=args.remove))}")
+        # the dataset travels with the pruned model (fewshifts eval finds it); the accuracy does not
+        dataset = {"dataset": d} if (d := args.dataset or _recorded_dataset(meta)) else {}
+        print(f"wrote {save_model(model, args.save, extra=dict(dataset, pruned_shift_layers=args.remove))}")
     return 0

@@ -367,7 +367,7 @@ def to_markdown(results: dict, command: str) -> str:
     lines += ["", "## Targets (issue 5)", "", "| target | measured | met |", "|---|---:|:---:|"]
     lines += [f"| {d} | {m} | {'yes' if ok else '**no**'} |" for d, m, ok in targets(results)]
     if results["breakdown"]:
-        lines += ["", "## Time per operator type, deployed, batch 32 (SSL Fig. 2 style)", "",
+        lines += ["", f"## Time per operator type, deployed, batch {results['breakdown_batch']} (SSL Fig. 2 style)", "",
                   "Each graph node timed as it runs (fx.Interpreter), fastest run per type; shares of the summed time. "
                   "A ReLU fused "
                   "into its convolution counts as that convolution; `add` includes the FE-Block write-back.", "",

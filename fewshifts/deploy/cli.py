@@ -12,12 +12,22 @@ from fewshifts.cli import positive_int
 from fewshifts.deploy.export import MAX_OPSET, MIN_OPSET
 
 
+def _trained_input_size(model: torch.nn.Module, meta: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the dataset the model file records (a Fashion-MNIST run: 1 x 28 x 28), else its default_cfg's."""
+    from fewshifts.data import DATASETS
+
+    if meta.get("dataset") in DATASETS:
+        channels, _, side = DATASETS[meta["dataset"]]
+        return channels, side, side
+    return tuple(model.default_cfg["input_size"])
+
+
 def configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="model file (.safetensors) or run directory")
     parser.add_argument("--onnx", metavar="OUT.onnx", help="write ONNX (integer shifts as Slice/Pad/Concat)")
     parser.add_argument("--program", metavar="OUT.pt2", help="write a torch.export program (torch.export.save)")
     parser.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
-                        help="example input size (default: the model's default_cfg)")
+                        help="example input size (default: the recorded dataset's, else the model's default_cfg)")
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset ({MIN_OPSET}..{MAX_OPSET})")
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
@@ -31,11 +41,11 @@ def run_export(args: argparse.Namespace) -> int:
         print("error: nothing to do; pass --onnx OUT.onnx and/or --program OUT.pt2", file=sys.stderr)
         return 2
     try:
-        model, _ = load_for_analysis(args.checkpoint)
+        model, meta = load_for_analysis(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    size = tuple(args.input_size) if args.input_size else tuple(model.default_cfg["input_size"])
+    size = tuple(args.input_size) if args.input_size else _trained_input_size(model, meta)
     x = torch.randn(2, *size)
     if args.onnx:
         try:

@@ -44,6 +44,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
         metadata["fewshifts_extra"] = json.dumps(extra)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a model file is for sharing, as any file the user makes
     os.replace(tmp, path)
     return path
 
