@@ -95,6 +95,8 @@ def test_prune_cli_table_and_save(model_file, tmp_path, capsys):
     assert len(rows) == 10
     saved = tmp_path / "pruned.safetensors"
     assert main(["prune", str(model_file), "--remove", "4", "--no-eval", "--save", str(saved), "--out", str(out)]) == 0
+    assert len(json.loads((out / "prune.json").read_text())) == 10  # the full table is kept
+    assert [r["k"] for r in json.loads((out / "prune-remove-4.json").read_text())] == [4]
     from fewshifts.models import load_model
 
     assert sum(m.sparsity() == 1.0 for _, m in shift_layers(load_model(saved))) == 4  # the 2 all-zero layers rank first

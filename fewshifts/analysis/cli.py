@@ -72,7 +72,8 @@ def configure_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=500)
     parser.add_argument("--no-eval", action="store_true", help="sparsity only, no accuracy")
     parser.add_argument("--save", help="with --remove: write the pruned model file here (needs --remove)")
-    parser.add_argument("--out", help="output folder for prune.md / prune.json (default: <run>/analysis)")
+    parser.add_argument("--out", help="output folder for prune.md / prune.json, with --remove K prune-remove-K.md / "
+                                      ".json (default: <run>/analysis)")
 
 
 def _recorded_dataset(meta: dict) -> str | None:
@@ -133,8 +134,9 @@ def run_prune(args: argparse.Namespace) -> int:
     markdown = prune_markdown(rows)
     out = _out_dir(args, "analysis")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune.md").write_text(markdown)
-    (out / "prune.json").write_text(json.dumps(rows, indent=1) + "\n")
+    stem = "prune" if args.remove is None else f"prune-remove-{args.remove}"  # the full table stays
+    (out / f"{stem}.md").write_text(markdown)
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown)
     if args.save:
         from fewshifts.models.io import save_model
