@@ -110,7 +110,7 @@ def test_prune_with_evaluator(model_file, monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "dataset_evaluator", lambda *a, **k: (lambda m: 0.5))
     assert main(["prune", str(model_file), "--remove", "1", "--out", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "prune.json").read_text())[0]["metric"] == 0.5
+    assert json.loads((tmp_path / "prune-remove-1.json").read_text())[0]["metric"] == 0.5
 
 
 def test_bad_inputs(model_file, tmp_path, capsys):
