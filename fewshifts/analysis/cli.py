@@ -12,7 +12,7 @@ from torch import nn
 
 from fewshifts.analysis.plots import plot_displacements, plot_real_shifts
 from fewshifts.analysis.prune import accuracy, prune_markdown, prune_table, remove_shift_layers_
-from fewshifts.analysis.report import load_for_analysis, shift_report
+from fewshifts.analysis.report import load_for_analysis, recorded_dataset, shift_report
 from fewshifts.cli import positive_int
 from fewshifts.layers import shift_layers
 
@@ -76,13 +76,6 @@ def configure_prune(parser: argparse.ArgumentParser) -> None:
                                       ".json (default: <run>/analysis)")
 
 
-def _recorded_dataset(meta: dict) -> str | None:
-    for source in (meta, meta.get("summary", {}), meta.get("summary", {}).get("config", {}), meta.get("config", {})):
-        if isinstance(source, dict) and isinstance(source.get("dataset"), str):
-            return source["dataset"]
-    return None
-
-
 def dataset_evaluator(dataset: str, data_dir: str | None = None, limit: int | None = None,
                       batch_size: int = 500) -> Callable[[nn.Module], float]:
     """``model -> test accuracy`` on a dataset of :mod:`fewshifts.data` (imported when called)."""
@@ -120,7 +113,7 @@ def run_prune(args: argparse.Namespace) -> int:
         return 2
     evaluate = None
     if not args.no_eval:
-        dataset = args.dataset or _recorded_dataset(meta)
+        dataset = args.dataset or recorded_dataset(meta)
         if dataset is None:
             print("error: no dataset recorded with the model; pass --dataset NAME or --no-eval", file=sys.stderr)
             return 2
@@ -143,6 +136,6 @@ def run_prune(args: argparse.Namespace) -> int:
 
         remove_shift_layers_(model, args.remove)
         # the dataset travels with the pruned model (fewshifts eval finds it); the accuracy does not
-        dataset = {"dataset": d} if (d := args.dataset or _recorded_dataset(meta)) else {}
+        dataset = {"dataset": d} if (d := args.dataset or recorded_dataset(meta)) else {}
         print(f"wrote {save_model(model, args.save, extra=dict(dataset, pruned_shift_layers=args.remove))}")
     return 0

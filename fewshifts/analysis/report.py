@@ -12,7 +12,7 @@ from torch import nn
 
 from fewshifts.layers import ShiftLayer, shift_layers
 
-__all__ = ["LayerStats", "ShiftReport", "shift_report", "load_for_analysis"]
+__all__ = ["LayerStats", "ShiftReport", "shift_report", "load_for_analysis", "recorded_dataset"]
 
 
 @dataclass
@@ -119,3 +119,12 @@ def load_for_analysis(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         except json.JSONDecodeError:
             pass
     return load_model(path).eval(), meta
+
+
+def recorded_dataset(meta: dict) -> str | None:
+    """The dataset a model was trained on, from :func:`load_for_analysis`'s metadata (the model file's, its run's
+    summary or config), or None."""
+    for source in (meta, meta.get("summary", {}), meta.get("summary", {}).get("config", {}), meta.get("config", {})):
+        if isinstance(source, dict) and isinstance(source.get("dataset"), str):
+            return source["dataset"]
+    return None

@@ -13,11 +13,13 @@ from fewshifts.deploy.export import MAX_OPSET, MIN_OPSET
 
 
 def _trained_input_size(model: torch.nn.Module, meta: dict) -> tuple[int, int, int]:
-    """(C, H, W) of the dataset the model file records (a Fashion-MNIST run: 1 x 28 x 28), else its default_cfg's."""
+    """(C, H, W) of the dataset the model was trained on (a Fashion-MNIST run: 1 x 28 x 28), else its default_cfg's."""
+    from fewshifts.analysis.report import recorded_dataset
     from fewshifts.data import DATASETS
 
-    if meta.get("dataset") in DATASETS:
-        channels, _, side = DATASETS[meta["dataset"]]
+    dataset = recorded_dataset(meta)
+    if dataset in DATASETS:
+        channels, _, side = DATASETS[dataset]
         return channels, side, side
     return tuple(model.default_cfg["input_size"])
 
