@@ -11,6 +11,7 @@ import pickle
 import re
 import tarfile
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -129,6 +130,34 @@ def test_partial_data_dir_warns_naming_the_missing_files(isolated, monkeypatch):
     with pytest.warns(UserWarning, match=f"{re.escape(str(given))}.*train-labels-idx1-ubyte.gz missing"):
         data = fashion_mnist(isolated / "given")
     assert len(data) == 20  # the complete copy further down the search order
+
+
+def test_data_dir_holding_only_the_other_split_warns(isolated, monkeypatch):
+    given = isolated / "given" / "fashion-mnist"
+    write_fmnist(given, n_train=16)
+    for name in FMNIST_NAMES[2:]:  # the train split only
+        (given / name).unlink()
+    message = (f"{re.escape(str(given))} .*t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz missing.*"
+               "searching the other data roots")
+    with pytest.warns(UserWarning, match=message), pytest.raises(FileNotFoundError, match="not found"):
+        fashion_mnist(isolated / "given", train=False, download=False)
+    write_fmnist(isolated / "env" / "fashion-mnist", n_test=8)
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    with pytest.warns(UserWarning, match=message):
+        assert len(fashion_mnist(isolated / "given", train=False, download=False)) == 8  # from $FEWSHIFTS_DATA
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(fashion_mnist(isolated / "given", train=True, download=False)) == 16
+
+
+def test_data_dir_holding_both_splits_does_not_warn(isolated, monkeypatch):
+    write_fmnist(isolated / "given" / "fashion-mnist", n_train=16, n_test=4)
+    write_fmnist(isolated / "env" / "fashion-mnist", n_train=20, n_test=8)
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(fashion_mnist(isolated / "given", train=True, download=False)) == 16
+        assert len(fashion_mnist(isolated / "given", train=False, download=False)) == 4
 
 
 # ------------------------------------------------------------------ downloads against a local server

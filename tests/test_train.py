@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_data import FMNIST_NAMES, write_fmnist
 from torch import nn
 
@@ -109,10 +110,33 @@ def test_config_rejects_bad_values_up_front(key, value, message):
         resolve(overrides={key: value})
 
 
-def test_model_without_a_shift_argument_names_shift_null(data_dir, tmp_path):
-    assert resolve(overrides={"model": "resnet20"})["shift"] == "sparse"  # from the default preset
+def test_preset_shift_is_kept_only_by_models_that_take_it(capsys):
+    for model in ("shiftresnet20", "asnet20", "shift_resnet101_cifar"):
+        assert resolve(overrides={"model": model})["shift"] == "sparse"
+    assert "not applied" not in capsys.readouterr().out
+    for model in ("resnet20", "fenet_100", "mobilenetv2_100"):
+        assert resolve(overrides={"model": model})["shift"] is None
+        assert (f"preset fmnist-cpu: shift 'sparse' not applied, model {model!r} has no shift argument"
+                in capsys.readouterr().out)
+
+
+def test_preset_shift_on_a_model_without_a_shift_argument_runs_and_resumes_without_it(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = _cli(data_dir, run, "--model", "resnet20", "--model-kwargs", "{base_width: 4}", "--steps", "2",
+                "--threads", "1")
+    assert main(["train", *args, "--stop-at", "1"]) == 0
+    assert capsys.readouterr().out.count("shift 'sparse' not applied, model 'resnet20' has no shift argument") == 1
+    assert main(["train", "--resume", str(run)]) == 0  # the checkpoint's config rebuilds the same model
+    assert yaml.safe_load((run / "config.yaml").read_text())["shift"] is None
+    assert json.loads((run / "summary.json").read_text())["model_spec"]["kwargs"] == {"base_width": 4}
+    assert load_checkpoint(list_checkpoints(run)[0])[1]["config"]["shift"] is None
+
+
+def test_user_shift_on_a_model_without_a_shift_argument_names_shift_null(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"does not take the arguments.*pass --shift null"):
-        train(tiny(data_dir, tmp_path / "run", model="resnet20", model_kwargs={}))
+        train(tiny(data_dir, tmp_path / "run", model="resnet20", model_kwargs={"base_width": 4}, shift="sparse"))
+    (tmp_path / "c.yaml").write_text("model: resnet20\nshift: sparse\n")
+    assert resolve("fmnist-cpu", tmp_path / "c.yaml")["shift"] == "sparse"  # set by the config file: kept
 
 
 def test_schedule_and_steps():

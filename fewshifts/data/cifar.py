@@ -106,8 +106,8 @@ def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, trai
     default_remote, folder, train_names, test_names, meta, label_key, names_key = CIFAR[name]
     remote = remote or default_remote
     tar_name = next(iter(default_remote.checksums))
-    names = train_names if train else test_names
-    extracted = find_files(folder, [*names, meta], data_dir)
+    names, others = (train_names, test_names) if train else (test_names, train_names)
+    extracted = find_files(folder, [*names, meta], data_dir, others)
     if extracted is not None:
         where = str(extracted)
         read = lambda n: _read_bytes(extracted / n)

@@ -2,8 +2,9 @@
 
 Search order for a dataset folder (design: issue 4): ``--data-dir``, ``$FEWSHIFTS_DATA``,
 ``~/.cache/fewshifts``, then system locations such as Debian's ``/usr/share/datasets``. Each root is
-tried as ``root/<folder>/<file>`` and ``root/<file>``; a ``--data-dir`` holding only some of the files
-gives a warning naming the missing ones. Downloads go to the first of the user roots.
+tried as ``root/<folder>/<file>`` and ``root/<file>``; a ``--data-dir`` holding some of the dataset's files
+(of any split) but not all those of the split being loaded gives a warning naming the missing ones. Downloads go
+to the first of the user roots.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,18 +42,20 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return [*user_roots(data_dir), *(Path(r) for r in SYSTEM_ROOTS)]
 
 
-def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None = None) -> Path | None:
+def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None = None,
+               others: Sequence[str] = ()) -> Path | None:
     """The first directory (``root/folder`` or ``root``) holding all of ``names``, or None.
 
-    A ``data_dir`` directory holding only some of ``names`` is warned about (naming the missing files) before
-    the other roots are searched.
+    A ``data_dir`` directory missing some of ``names`` but holding any of the dataset's files (``names`` or
+    ``others``, e.g. its other split) is warned about, naming the missing files, before the other roots are
+    searched.
     """
     dirs = [d for root in search_roots(data_dir) for d in (root / folder, root)]
     for i, d in enumerate(dirs):
         missing = [n for n in names if not (d / n).is_file()]
         if not missing:
             return d
-        if data_dir is not None and i < 2 and len(missing) < len(names):
+        if data_dir is not None and i < 2 and any((d / n).is_file() for n in [*names, *others]):
             warnings.warn(f"{d} holds only some of the {folder} files ({', '.join(missing)} missing); "
                           "searching the other data roots", stacklevel=2)
     return None
@@ -98,9 +102,10 @@ def download_file(url: str, dest: str | os.PathLike, checksum: str | None = None
 
 
 def fetch(folder: str, names: list[str], remote: Remote | None, data_dir: str | os.PathLike | None = None,
-          download: bool = True) -> Path:
-    """The directory holding ``names``: found on disk (:func:`find_files`) or downloaded from ``remote``."""
-    found = find_files(folder, names, data_dir)
+          download: bool = True, others: Sequence[str] = ()) -> Path:
+    """The directory holding ``names``: found on disk (:func:`find_files`, with the dataset's ``others`` files)
+    or downloaded from ``remote``."""
+    found = find_files(folder, names, data_dir, others)
     if found is not None:
         return found
     tried = ", ".join(str(r) for r in search_roots(data_dir))

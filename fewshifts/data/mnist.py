@@ -60,9 +60,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
 def fashion_mnist(data_dir: str | os.PathLike | None = None, train: bool = True, download: bool = True,
                   remote: Remote = FASHION_MNIST) -> ArrayDataset:
     """Fashion-MNIST train (60k) or test (10k) split as a uint8 (N, 1, 28, 28) :class:`ArrayDataset`."""
-    prefix = "train" if train else "t10k"
-    names = [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
-    folder = fetch("fashion-mnist", names, remote, data_dir, download)
+    prefix, other = ("train", "t10k") if train else ("t10k", "train")
+    names = _split_files(prefix)
+    folder = fetch("fashion-mnist", names, remote, data_dir, download, others=_split_files(other))
     images, labels = read_idx(folder / names[0], 3), read_idx(folder / names[1], 1)
     if images.shape[1:] != (28, 28):
         raise ValueError(f"{folder / names[0]}: images should be 28x28 instead of {images.shape[1]}x{images.shape[2]}")
@@ -72,6 +72,11 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, train: bool = True,
         raise ValueError(f"{folder / names[1]}: label {labels.max()} out of range for 10 classes")
     return ArrayDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
                         FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, str(folder))
+
+
+def _split_files(prefix: str) -> list[str]:
+    """The images and labels files of a split (``train`` or ``t10k``)."""
+    return [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -1,9 +1,10 @@
 """Training configuration: defaults, named presets (``presets/*.yaml``), YAML files and ``--key value`` overrides.
 
 Resolution order (later wins): :data:`DEFAULTS`, the preset (``fmnist-cpu`` unless a config file is given),
-the YAML config file, command-line overrides. The resolved configuration is saved as ``config.yaml`` in the
-run directory. Step-valued keys (``milestones``, ``freeze_shifts_at``, ``stop_at``...) accept a fraction
-of the total steps when below 1 (``0.75``) or an absolute step count.
+the YAML config file, command-line overrides. A ``shift`` that only the preset sets is not applied to a model
+without a ``shift`` argument (the config then says ``shift: null``). The resolved configuration is saved as
+``config.yaml`` in the run directory. Step-valued keys (``milestones``, ``freeze_shifts_at``, ``stop_at``...)
+accept a fraction of the total steps when below 1 (``0.75``) or an absolute step count.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ import difflib
 import os
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
 
-__all__ = ["DEFAULTS", "HELP", "PRESETS_DIR", "list_presets", "load_preset", "load_yaml", "resolve", "at_step"]
+from fewshifts.data import dataset_info
+from fewshifts.models import create_model
+
+__all__ = ["DEFAULTS", "HELP", "PRESETS_DIR", "list_presets", "load_preset", "load_yaml", "resolve", "at_step",
+           "build_model", "model_arguments", "refuses_shift", "takes_shift"]
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -22,7 +29,7 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 _OPTIONS: dict[str, tuple[object, str]] = {
     "model": ("shiftresnet20", "registered model name (fewshifts.list_models())"),
     "shift": (None, "spatial operator of shift models: sparse | active | grouped | dw | none; null: the model's own "
-                    "(needed by models without a shift argument, e.g. --model fenet_100 --shift null)"),
+                    "(a preset's shift is not applied to models without a shift argument, e.g. fenet_100)"),
     "model_kwargs": ({}, "extra create_model keyword arguments, as a YAML mapping"),
     "dataset": ("fashion-mnist", "fashion-mnist | cifar10 | cifar100 | imagenet"),
     "data_dir": (None, "dataset root searched first (then $FEWSHIFTS_DATA, ~/.cache/fewshifts, /usr/share/datasets)"),
@@ -102,20 +109,53 @@ def check_keys(cfg: dict, source: str) -> None:
 
 
 def resolve(preset: str | None = None, config_file: str | None = None, overrides: dict | None = None) -> dict:
-    """DEFAULTS <- preset <- config file <- overrides, validated."""
-    cfg = dict(DEFAULTS)
+    """DEFAULTS <- preset <- config file <- overrides, validated; the preset's ``shift`` is dropped (with a
+    printed note) for a model without a ``shift`` argument, unless the config file or the overrides set it."""
     if preset is None and config_file is None:
         preset = "fmnist-cpu"
-    if preset is not None:
-        cfg.update(load_preset(preset))
-    if config_file is not None:
-        cfg.update(load_yaml(config_file))
+    preset_cfg = load_preset(preset) if preset is not None else {}
+    user_cfg = load_yaml(config_file) if config_file is not None else {}
     overrides = overrides or {}
     check_keys(overrides, "command line")
-    cfg.update(coerce_numbers(overrides))
+    user_cfg.update(coerce_numbers(overrides))
+    cfg = {**DEFAULTS, **preset_cfg, **user_cfg}
     validate(cfg)
+    if preset_cfg.get("shift") and "shift" not in user_cfg and not takes_shift(cfg):
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print(f"preset {preset}: shift {cfg['shift']!r} not applied, model {cfg['model']!r} has no shift argument "
+                  "(the run records shift: null)", flush=True)
+        cfg["shift"] = None
     cfg["preset"] = preset
     return cfg
+
+
+def model_arguments(cfg: dict) -> dict:
+    """``create_model``'s keyword arguments for a config: ``model_kwargs``, plus ``shift`` when set."""
+    return dict(cfg["model_kwargs"], **({"shift": cfg["shift"]} if cfg["shift"] else {}))
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """The config's model, sized for its dataset (a TypeError when it does not take :func:`model_arguments`)."""
+    in_chans, num_classes, _ = dataset_info(cfg["dataset"])
+    return create_model(cfg["model"], num_classes=num_classes, in_chans=in_chans, **model_arguments(cfg))
+
+
+def refuses_shift(exc: TypeError) -> bool:
+    """Whether ``create_model``'s TypeError is about a ``shift`` argument the model does not take."""
+    return "'shift'" in str(exc)
+
+
+def takes_shift(cfg: dict) -> bool:
+    """Whether the config's model accepts its ``shift``: tried by building it on the meta device (no memory, no
+    initialization). Failures other than a refused ``shift`` are left for the run to report."""
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+    except TypeError as exc:
+        return not refuses_shift(exc)
+    except Exception:
+        return True
+    return True
 
 
 _TEXT_KEYS = {"model", "shift", "dataset", "data_dir", "schedule", "precision", "device", "out"}

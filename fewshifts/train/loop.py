@@ -34,11 +34,19 @@ from fewshifts.layers import (
     shift_penalty,
     shift_sparsity,
 )
-from fewshifts.models import create_model, save_model
+from fewshifts.models import save_model
 from fewshifts.models.common import count_params_madds
 from fewshifts.models.io import MODEL_FILE
 from fewshifts.train.checkpoint import list_checkpoints, load_for_resume, save_checkpoint
-from fewshifts.train.config import at_step, check_keys, coerce_numbers, validate
+from fewshifts.train.config import (
+    at_step,
+    build_model,
+    check_keys,
+    coerce_numbers,
+    model_arguments,
+    refuses_shift,
+    validate,
+)
 from fewshifts.train.records import MetricsLog, Progress, format_time, percent, summary_line, write_summary
 
 __all__ = ["train", "evaluate", "StopTraining"]
@@ -76,13 +84,13 @@ def train(cfg: dict | None = None, resume: str | os.PathLike | None = None, over
             torch.set_num_threads(cfg["threads"])
         # -------------------------------------------------------------- model
         torch.manual_seed(cfg["seed"])
-        in_chans, num_classes, image_size = dataset_info(cfg["dataset"])
-        kwargs = dict(cfg["model_kwargs"], **({"shift": cfg["shift"]} if cfg["shift"] else {}))
+        in_chans, _, image_size = dataset_info(cfg["dataset"])
         try:
-            model = create_model(cfg["model"], num_classes=num_classes, in_chans=in_chans, **kwargs)
+            model = build_model(cfg)
         except TypeError as exc:
+            kwargs = model_arguments(cfg)
             hint = ("; for a model without a shift argument pass --shift null (shift: null in YAML)"
-                    if "shift" in kwargs and "'shift'" in str(exc) else "")
+                    if "shift" in kwargs and refuses_shift(exc) else "")
             raise ValueError(f"model {cfg['model']!r} does not take the arguments {kwargs} ({exc}){hint}") from exc
         if weights is not None:
             model.load_state_dict(weights)
