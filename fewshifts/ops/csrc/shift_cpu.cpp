@@ -298,6 +298,19 @@ inline void prefetch_ahead_of(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
 }
 
+// The channels_last bilinear kernels' software prefetch: into L2 (prefetcht1), not L1. These kernels compute about
+// as long as they wait for memory, and a prefetch into L1 holds one of the core's few L1 miss buffers until its line
+// arrives, which their own loads then wait for; the L1's hardware prefetcher takes the lines on from L2. On a Zen 4
+// (AMD EPYC family 25 model 17, where T1 fills L2 only; eighteenth session, ops_notes.md) against prefetcht0, one
+// process, shuffled rounds, inputs of 29-75 MB: separable forward 0.82-0.91x, fused backward 0.83-0.90x and
+// quantization-aware backward 0.89-0.94x the time on one thread, 0.87-0.93x / 0.91-1.00x / 0.89-0.96x on two; the
+// integer and NCHW kernels' times did not change (0.96-1.05x on one thread), and they keep prefetcht0. On Zen 2 and
+// Zen 3, T1 fills L1 as T0 does.
+template <typename T>
+inline void prefetch_to_l2(const T* p) {
+  __builtin_prefetch(p, 0, 2);
+}
+
 // Whether a kernel prefetches an input of `bytes`: where it exceeds the cache budget and so comes from memory
 // (for an input that stays cached, 32x96x32x32, prefetching gained or lost a few percent by kernel: on / off 1.03
 // for the channels_last separable forward, 1.01-1.05 for the NCHW integer shift, 0.94-0.99 for the NCHW bilinear).
@@ -1060,7 +1073,7 @@ void ring_strip(const T* const* rows, const V* plan, int64_t C, int64_t n, int64
     for (int t = 0; t < R; ++t) src[t] = row[t] + col * C;
     const V* k = plan;
     for (int64_t v = v0; v < v1; ++v) {
-      if (ahead != 0) __builtin_prefetch(src[R - 1] + v * L + ahead);
+      if (ahead != 0) prefetch_to_l2(src[R - 1] + v * L + ahead);
       column(k + v * K, src, v, v < full ? L : tail, d + E * v);
     }
   };
@@ -1087,7 +1100,7 @@ void ring_strip(const T* const* rows, const V* plan, int64_t C, int64_t n, int64
     // integer selection at 96 channels ran 0.90-0.95x the time unswitched, Zen 5)
     auto pass = [&](auto in, auto pf) {
       for (int64_t v = v0; v < v1; ++v) {
-        if constexpr (decltype(pf)::value) __builtin_prefetch(src[R - 1] + v * L + ahead);
+        if constexpr (decltype(pf)::value) prefetch_to_l2(src[R - 1] + v * L + ahead);
         const int64_t len = v < full ? L : tail;
         V w[R * E];
         for (int u = 0; u + 1 < R; ++u)
@@ -2725,7 +2738,7 @@ inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, i
   for (int64_t v = v0; v < v1; ++v) {
     const int64_t e = v * L;
     if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
-      __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
+      prefetch_to_l2(s2 + e + ahead), prefetch_to_l2(s2 + e + C + ahead);
     V* r = ring + 2 * v;
     V w0 = r[0], w1 = r[1];
     sep_pair_vector<Stream, In1, In2, Two, Full>(s0, s1, s2, e, second, plan + v * K, len, C, o + e, w0, w1, fin);
@@ -2838,7 +2851,7 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
     for (int v = 0; v < NV; ++v) {
       const int64_t e = c1 * C + v * L;
       if (ahead != 0 && (In1 || In2) && v % kVectorsPerLine == 0)
-        __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
+        prefetch_to_l2(s2 + e + ahead), prefetch_to_l2(s2 + e + C + ahead);
       sep_pair_vector<Stream, In1, In2, Two, true>(s0, s1, s2, e, C, plan + v * K, L, C, o + v * L, r0[v], r1[v], fin);
     }
   };
@@ -2928,7 +2941,7 @@ void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, i
     for (int u = 0; u < R; ++u) dvw[u] = w[2 * u], ivw[u] = w[2 * u + 1];
     pick_pair<R, true, A>(k, dvw, dlo, dhi);
     pick_pair<R, true, A>(k, ivw, ilo, ihi);
-    if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(grow + j * C + v * L + ahead);  // g, as x's row
+    if (ahead != 0 && v % kVectorsPerLine == 0) prefetch_to_l2(grow + j * C + v * L + ahead);  // g, as x's row
     const V gv = vload_n<A>(grow + j * C + v * L, len);
     acc[2 * v] += gv * (dlo + k[1] * (dhi - dlo));
     acc[2 * v + 1] += gv * (ihi - ilo);
@@ -3047,7 +3060,7 @@ bool backward_row(const T* const* grows, const T* xrow, const CornerPicks<R, A>&
   auto output = [&](const V* k, const V* w, int64_t j, int64_t v, int64_t len) {
     V vw[R], dw[R];
     for (int u = 0; u < R; ++u) vw[u] = w[2 * u], dw[u] = w[2 * u + 1];
-    if (ahead != 0 && v % kVectorsPerLine == 0) __builtin_prefetch(xrow + j * C + v * L + ahead);  // x, as g's row
+    if (ahead != 0 && v % kVectorsPerLine == 0) prefetch_to_l2(xrow + j * C + v * L + ahead);  // x, as g's row
     const V xv = vload_n<A>(xrow + j * C + v * L, len);
     const V gv = g_output<R, A>(k, vw, dw, xv, acc[2 * v], acc[2 * v + 1]);
     chk.add(gv);
@@ -3118,8 +3131,8 @@ inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPic
   for (int64_t v = v0; v < v1; ++v) {
     const int64_t e = v * L;
     if (ahead != 0 && v % kVectorsPerLine == 0) {  // `ahead` on, one per line: g's newest row, x (both columns)
-      __builtin_prefetch(s2 + e + ahead), __builtin_prefetch(s2 + e + C + ahead);
-      __builtin_prefetch(xp + e + ahead), __builtin_prefetch(xp + e + C + ahead);
+      prefetch_to_l2(s2 + e + ahead), prefetch_to_l2(s2 + e + C + ahead);
+      prefetch_to_l2(xp + e + ahead), prefetch_to_l2(xp + e + C + ahead);
     }
     V* r = ring + 4 * v;  // vert, vd of the two older columns
     V w[4] = {r[0], r[1], r[2], r[3]};
@@ -3217,8 +3230,8 @@ bool backward_row_pairs_registers(const T* const* grows, const T* xrow, const Co
     for (int v = 0; v < NV; ++v) {
       const int64_t e = v * L, at = c1 * C + e;
       if (ahead != 0 && v % kVectorsPerLine == 0) {
-        if constexpr (In1 || In2) __builtin_prefetch(s2 + at + ahead), __builtin_prefetch(s2 + at + C + ahead);
-        __builtin_prefetch(xp + e + ahead), __builtin_prefetch(xp + e + C + ahead);
+        if constexpr (In1 || In2) prefetch_to_l2(s2 + at + ahead), prefetch_to_l2(s2 + at + C + ahead);
+        prefetch_to_l2(xp + e + ahead), prefetch_to_l2(xp + e + C + ahead);
       }
       backward_pair_vector<In1, In2, Two>(s0, s1, s2, at, C, xp + e, plan + v * K, C, o + e, vt0[v], vd0[v], vt1[v],
                                           vd1[v], sy[v], sx[v], fin);
