@@ -218,16 +218,45 @@ def write_cifar10(folder, n=6, seed=0):
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
 
 
+def write_cifar10_tar(tar_path, folder):
+    """The official tarball of an extracted cifar-10-batches-py ``folder``."""
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+
+
 def test_cifar10_tarball_and_folder(isolated):
     write_cifar10(isolated / "src" / "cifar-10-batches-py")
-    (isolated / "tar").mkdir()
-    with tarfile.open(isolated / "tar" / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(isolated / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    write_cifar10_tar(isolated / "tar" / "cifar-10-python.tar.gz", isolated / "src" / "cifar-10-batches-py")
     from_tar = cifar("cifar10", isolated / "tar", train=True, download=False)
     from_dir = cifar("cifar10", isolated / "src", train=True, download=False)
     assert from_tar.images.shape == (30, 3, 32, 32) and from_tar.classes[3] == "class3"
     assert torch.equal(from_tar.images, from_dir.images) and torch.equal(from_tar.labels, from_dir.labels)
     assert len(cifar("cifar10", isolated / "tar", train=False, download=False)) == 6
+
+
+@pytest.mark.parametrize("where", [".", "cifar"])
+def test_cifar_data_dir_tarball_beats_other_roots_extracted_copies(isolated, monkeypatch, where):
+    write_cifar10(isolated / "env" / "cifar-10-batches-py", n=6)  # another root: extracted, 6 images a batch
+    write_cifar10(isolated / "home" / ".cache" / "fewshifts" / "cifar-10-batches-py", n=5)
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    write_cifar10(isolated / "src" / "cifar-10-batches-py", n=2, seed=1)
+    given = isolated / "given"
+    tar_path = given / where / "cifar-10-python.tar.gz"
+    write_cifar10_tar(tar_path, isolated / "src" / "cifar-10-batches-py")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = cifar("cifar10", given, train=True, download=False)
+        assert len(data) == 10 and data.source == str(tar_path)  # data_dir's tarball, not $FEWSHIFTS_DATA's copy
+        assert len(cifar("cifar10", given, train=False, download=False)) == 2
+        (given / "cifar-10-batches-py").mkdir()  # a partial extraction beside the tarball: the tarball is used
+        (given / "cifar-10-batches-py" / "batches.meta").write_bytes(
+            (isolated / "src" / "cifar-10-batches-py" / "batches.meta").read_bytes())
+        assert len(cifar("cifar10", given, train=True, download=False)) == 10
+        assert len(cifar("cifar10", None, train=True, download=False)) == 30  # without data_dir: search order
+    write_cifar10(given / "extracted" / "cifar-10-batches-py", n=3)  # data_dir's extracted copy beats its tarball
+    (given / "extracted" / "cifar-10-python.tar.gz").write_bytes(tar_path.read_bytes())
+    assert len(cifar("cifar10", given / "extracted", train=True, download=False)) == 15
 
 
 def test_cifar100_layout(isolated):
@@ -368,6 +397,26 @@ def test_imagenet_subset_spans_all_classes(isolated):
     loader = build_loader("imagenet", False, 2, data_dir=isolated, subset=2, workers=0)
     assert [label for _, label in loader.dataset.samples] == [0, 1]  # the first 2 would both be cats
     assert len(build_loader("imagenet", False, 2, data_dir=isolated, subset=100, workers=0).dataset) == 6
+
+
+@pytest.mark.parametrize("present, missing, sub", [("train", "val", "imagenet"), ("val", "train", ".")])
+def test_imagenet_data_dir_with_one_split_warns(isolated, monkeypatch, present, missing, sub):
+    for split in ("train", "val"):
+        _write_image_folder(isolated / "env" / "imagenet" / split)
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    given = isolated / "given" / sub
+    _write_image_folder(given / present, size=(30, 40))
+    message = f"{re.escape(str(given))} holds only some of the imagenet .*\\({missing} missing\\); searching the other"
+    with pytest.warns(UserWarning, match=message):
+        loader = build_loader("imagenet", False, 2, data_dir=isolated / "given", workers=0)
+    assert loader.dataset.root == isolated / "env" / "imagenet" / "val"  # the complete root further down
+    monkeypatch.delenv("FEWSHIFTS_DATA")
+    with pytest.warns(UserWarning, match=message), pytest.raises(FileNotFoundError, match="ImageNet"):
+        build_loader("imagenet", False, 2, data_dir=isolated / "given", workers=0)
+    _write_image_folder(given / missing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_loader("imagenet", True, 2, data_dir=isolated / "given", workers=0).dataset.root == given / "train"
 
 
 def test_image_folder_loader_gives_ranks_past_the_last_batch_no_rows(tmp_path):

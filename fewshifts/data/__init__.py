@@ -45,10 +45,11 @@ def load_arrays(name: str, train: bool, data_dir: str | os.PathLike | None = Non
 
 
 def _imagenet_root(data_dir: str | os.PathLike | None) -> Path:
-    for root in search_roots(data_dir):
-        for d in (root / "imagenet", root):
-            if (d / "train").is_dir() and (d / "val").is_dir():
-                return d
+    """The first ``root/imagenet`` or ``root`` holding both ``train/`` and ``val/`` (a ``data_dir`` holding only
+    one of them is warned about, as by :func:`find_files`)."""
+    found = find_files("imagenet", ["train", "val"], data_dir, dirs=True)
+    if found is not None:
+        return found
     raise FileNotFoundError(f"ImageNet (train/ and val/ class folders) not found under any of "
                             f"{', '.join(map(str, search_roots(data_dir)))}; it cannot be downloaded automatically")
 

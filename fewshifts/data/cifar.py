@@ -100,21 +100,31 @@ def _read_classes(read, meta: str, names_key: bytes, where: str) -> tuple[str, .
 
 def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, train: bool = True,
           download: bool = True, remote: Remote | None = None) -> ArrayDataset:
-    """CIFAR-10 or CIFAR-100 (fine labels) as a uint8 (N, 3, 32, 32) :class:`ArrayDataset`."""
+    """CIFAR-10 or CIFAR-100 (fine labels) as a uint8 (N, 3, 32, 32) :class:`ArrayDataset`.
+
+    Read from ``data_dir``'s extracted folder or tarball, else the first other root's extracted folder, else the
+    first other root's tarball, else downloaded.
+    """
     if name not in CIFAR:
         raise ValueError(f"name should be one of {tuple(CIFAR)} instead of {name!r}")
     default_remote, folder, train_names, test_names, meta, label_key, names_key = CIFAR[name]
     remote = remote or default_remote
     tar_name = next(iter(default_remote.checksums))
     names, others = (train_names, test_names) if train else (test_names, train_names)
-    extracted = find_files(folder, [*names, meta], data_dir, others)
+    needed = [*names, meta]
+    own_tar = _find_tar(tar_name, user_roots(data_dir)[:1]) if data_dir is not None else None
+    if own_tar is None:
+        extracted = find_files(folder, needed, data_dir, others)
+    else:  # data_dir's tarball comes before the other roots' extracted copies (not before data_dir's own)
+        own = user_roots(data_dir)[0]
+        extracted = next((d for d in (own / folder, own) if all((d / n).is_file() for n in needed)), None)
     if extracted is not None:
         where = str(extracted)
         read = lambda n: _read_bytes(extracted / n)
         images, labels = _read_batches(read, names, label_key, where)
         classes = _read_classes(read, meta, names_key, where)
     else:
-        tar_path = _find_or_download_tar(tar_name, remote, data_dir, download)
+        tar_path = own_tar or _find_or_download_tar(tar_name, remote, data_dir, download)
         try:
             with tarfile.open(tar_path, "r:gz") as tar:
                 read = lambda n: _tar_member(tar, f"{folder}/{n}", tar_path)
@@ -144,11 +154,15 @@ def _tar_member(tar: tarfile.TarFile, member: str, tar_path: Path) -> bytes:
     return f.read()
 
 
+def _find_tar(tar_name: str, roots: list[Path]) -> Path | None:
+    """The first ``root/cifar/<tar_name>`` or ``root/<tar_name>`` file, or None."""
+    return next((d / tar_name for root in roots for d in (root / "cifar", root) if (d / tar_name).is_file()), None)
+
+
 def _find_or_download_tar(tar_name: str, remote: Remote, data_dir, download: bool) -> Path:
-    for root in search_roots(data_dir):
-        for d in (root / "cifar", root):
-            if (d / tar_name).is_file():
-                return d / tar_name
+    found = _find_tar(tar_name, search_roots(data_dir))
+    if found is not None:
+        return found
     if not download:
         tried = ", ".join(str(r) for r in search_roots(data_dir))
         raise FileNotFoundError(f"{tar_name} (or its extracted folder) not found under any of {tried}")

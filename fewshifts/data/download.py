@@ -3,8 +3,8 @@
 Search order for a dataset folder (design: issue 4): ``--data-dir``, ``$FEWSHIFTS_DATA``,
 ``~/.cache/fewshifts``, then system locations such as Debian's ``/usr/share/datasets``. Each root is
 tried as ``root/<folder>/<file>`` and ``root/<file>``; a ``--data-dir`` holding some of the dataset's files
-(of any split) but not all those of the split being loaded gives a warning naming the missing ones. Downloads go
-to the first of the user roots.
+(of any split; ImageNet: one of ``train/`` and ``val/``) but not all those of the split being loaded gives a
+warning naming the missing ones. Downloads go to the first of the user roots.
 """
 
 from __future__ import annotations
@@ -43,20 +43,22 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None = None,
-               others: Sequence[str] = ()) -> Path | None:
-    """The first directory (``root/folder`` or ``root``) holding all of ``names``, or None.
+               others: Sequence[str] = (), dirs: bool = False) -> Path | None:
+    """The first directory (``root/folder`` or ``root``) holding all of ``names`` (files, or folders when
+    ``dirs``), or None.
 
     A ``data_dir`` directory missing some of ``names`` but holding any of the dataset's files (``names`` or
     ``others``, e.g. its other split) is warned about, naming the missing files, before the other roots are
     searched.
     """
-    dirs = [d for root in search_roots(data_dir) for d in (root / folder, root)]
-    for i, d in enumerate(dirs):
-        missing = [n for n in names if not (d / n).is_file()]
+    present, kind = (Path.is_dir, "folders") if dirs else (Path.is_file, "files")
+    candidates = [d for root in search_roots(data_dir) for d in (root / folder, root)]
+    for i, d in enumerate(candidates):
+        missing = [n for n in names if not present(d / n)]
         if not missing:
             return d
-        if data_dir is not None and i < 2 and any((d / n).is_file() for n in [*names, *others]):
-            warnings.warn(f"{d} holds only some of the {folder} files ({', '.join(missing)} missing); "
+        if data_dir is not None and i < 2 and any(present(d / n) for n in [*names, *others]):
+            warnings.warn(f"{d} holds only some of the {folder} {kind} ({', '.join(missing)} missing); "
                           "searching the other data roots", stacklevel=2)
     return None
 
