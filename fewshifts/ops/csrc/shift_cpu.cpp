@@ -299,13 +299,13 @@ inline void prefetch_ahead_of(const T* p) {
 }
 
 // The channels_last bilinear kernels' software prefetch: into L2 (prefetcht1), not L1. These kernels compute about
-// as long as they wait for memory, and a prefetch into L1 holds one of the core's few L1 miss buffers until its line
-// arrives, which their own loads then wait for; the L1's hardware prefetcher takes the lines on from L2. On a Zen 4
-// (AMD EPYC family 25 model 17, where T1 fills L2 only; eighteenth session, ops_notes.md) against prefetcht0, one
-// process, shuffled rounds, inputs of 29-75 MB, one thread: separable forward 0.82-0.91x the time, fused backward
-// 0.83-0.90x, quantization-aware backward 0.86-0.94x (two threads: 0.71-1.03x, noisier). The integer and NCHW
-// kernels' times did not change (0.96-1.05x on one thread), and they keep prefetcht0. On Zen 2 and Zen 3, T1 fills
-// L1 as T0 does.
+// as long as they wait for memory, and a prefetch into L1 likely holds one of the core's few L1 miss buffers until
+// its line arrives, which their own loads then wait for; the L1's hardware prefetcher takes the lines on from L2.
+// On a Zen 4 (AMD EPYC family 25 model 17, where T1 fills L2 only; eighteenth session, ops_notes.md) against
+// prefetcht0, one process, shuffled rounds, inputs of 29-75 MB, one thread: separable forward 0.82-0.91x the time,
+// fused backward 0.83-0.90x, quantization-aware backward 0.86-0.94x (two threads: 0.71-1.03x, noisier). The integer
+// and NCHW kernels' times did not change (0.96-1.05x on one thread), and they keep prefetcht0. On Zen 2 and Zen 3,
+// T1 fills L1 as T0 does.
 template <typename T>
 inline void prefetch_to_l2(const T* p) {
   __builtin_prefetch(p, 0, 2);
