@@ -635,10 +635,12 @@ def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reach", [1.0, 2.0])
-@pytest.mark.parametrize("channels", [5, 40])
-def test_channels_last_one_pass_backward_matches_reference(kernels, dtype, reach, channels):
+@pytest.mark.parametrize("channels", [5, 40, 96, 272])
+def test_channels_last_one_pass_backward_matches_reference(kernels, stores, dtype, reach, channels):
     """channels_last, stride 1, corners within 3 or 5 rows and columns: both gradients of active_shift2d come from
-    one pass over g and x; sparse_shift2d's input gradient is the inverse rounded shift, moved exactly."""
+    one pass over g and x; sparse_shift2d's input gradient is the inverse rounded shift, moved exactly, row by row
+    beside its shift gradient's rows (sparse_backward_nhwc: the selection in registers up to 12 vectors per pixel,
+    else its ring; streamed where pixels are whole vectors, 96 and 272 channels)."""
     g = torch.Generator().manual_seed(channels + int(reach))
     N, H, W = (1, 37, 13) if channels == 40 else (3, 11, 13)
     x = torch.randn(N, channels, H, W, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)

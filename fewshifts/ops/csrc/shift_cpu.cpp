@@ -298,18 +298,20 @@ inline void prefetch_ahead_of(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
 }
 
-// The channels_last bilinear kernels' software prefetch: into L2 (prefetcht1), not L1. These kernels compute about
-// as long as they wait for memory, and a prefetch into L1 likely holds one of the core's few L1 miss buffers until
-// its line arrives, which their own loads then wait for; the L1's hardware prefetcher takes the lines on from L2.
-// On a Zen 4 (AMD EPYC family 25 model 17, where T1 fills L2 only; eighteenth session, ops_notes.md) against
-// prefetcht0, one process, shuffled rounds, inputs of 29-75 MB, one thread: separable forward 0.82-0.91x the time,
-// fused backward 0.83-0.90x, quantization-aware backward 0.86-0.94x (two threads: 0.71-1.03x, noisier). The integer
-// and NCHW kernels' times did not change (0.96-1.05x on one thread), and they keep prefetcht0. On Zen 2 and Zen 3,
-// T1 fills L1 as T0 does.
+// The software prefetch of the channels_last bilinear kernels and of the ring-based selection (ring_strip users):
+// into L2 (prefetcht1), not L1. These kernels compute about as long as they wait for memory, and a prefetch into L1
+// likely holds one of the core's few L1 miss buffers until its line arrives, which their own loads then wait for;
+// the L1's hardware prefetcher takes the lines on from L2. On a Zen 4 (AMD EPYC family 25 model 17, where T1 fills
+// L2 only; eighteenth session, ops_notes.md) against prefetcht0, one process, shuffled rounds, inputs of 29-75 MB,
+// one thread: separable forward 0.82-0.91x the time, fused backward 0.83-0.90x, quantization-aware backward
+// 0.86-0.94x (two threads: 0.71-1.03x, noisier), the ring selection (per-channel integer shifts at 576 channels)
+// 0.72-0.89x. The other integer kernels and the NCHW ones did not change (0.96-1.05x on one thread), and they keep
+// prefetcht0. On Zen 2 and Zen 3, T1 fills L1 as T0 does.
 template <typename T>
 inline void prefetch_to_l2(const T* p) {
   __builtin_prefetch(p, 0, 2);
 }
+
 
 // Whether a kernel prefetches an input of `bytes`: where it exceeds the cache budget and so comes from memory
 // (for an input that stays cached, 32x96x32x32, prefetching gained or lost a few percent by kernel: on / off 1.03
@@ -1320,9 +1322,54 @@ void pick_row_registers(const U* const* rows, const PickPlan<R, U>& p, int64_t W
   }
 }
 
-// Returns false (nothing done) where the conditions above do not hold.
-template <typename U>
-bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
+// move_nhwc_pick's plan and its work for one output row (row), which the channels_last quantization-aware backward
+// also runs row by row beside its shift gradient (sparse_backward_nhwc). with_pick_rows runs f(PickRows<R, Stream,
+// U>) with the window R (3 or 5) that holds every displacement and Stream for streamed stores, and returns false
+// (nothing done) where the movement is not one that move_nhwc_pick takes (above) or dst is not aligned to a vector.
+template <int R, bool Stream, typename U>
+struct PickRows {
+  static constexpr bool kStream = Stream;
+  const U* src;
+  U* dst;
+  const Move& m;
+  PickPlan<R, U> p;
+  std::vector<U> zero_row;
+  int64_t ahead;
+  PickRows(const U* src_, U* dst_, const Move& m_, std::vector<int64_t> dy, std::vector<int64_t> dx)
+      : src(src_), dst(dst_), m(m_), p(m_.C, m_.rows[0].sstep, std::move(dy), std::move(dx)),
+        zero_row(m_.Ws * m_.C, U(0)),
+        ahead(prefetch_ahead<U>(m_.N * m_.Hs * m_.Ws * m_.C * static_cast<int64_t>(sizeof(U)), m_.C)) {}
+  std::vector<typename UVec<U>::V> ring() const { return std::vector<typename UVec<U>::V>(R * p.full); }
+  // output row q (image q / Hd, row q % Hd); ring: from ring(), one per thread
+  void row(int64_t q, typename UVec<U>::V* ring) const {
+    const int64_t n = q / m.Hd, i = q % m.Hd, C = p.C, S = p.S;
+    const U* img = src + n * m.Hs * m.Ws * C;
+    const U* rows[R];
+    window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
+    U* orow = dst + q * m.Wd * C;
+    if (p.full > 0 && S == 1 && R == 3 && p.full <= kPickRegisterVectors) {
+      if constexpr (R == 3)  // (pick_row_registers is compiled for the three-row window only)
+        with_vector_count<kPickRegisterVectors>(p.full, [&](auto nv) {
+          constexpr int NV = decltype(nv)::value;
+          if (p.two_rows) return pick_row_registers<NV, 2, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
+          pick_row_registers<NV, 3, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
+        });
+    } else if (p.full > 0 && S == 1) {
+      pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring);
+    }
+    if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring);
+    for (int64_t c = p.full * p.L; c < C; ++c) {  // the partial last vector
+      const int64_t sr = i * S + p.dy[c];
+      for (int64_t j = 0; j < m.Wd; ++j) {
+        const int64_t sc = j * S + p.dx[c];
+        orow[j * C + c] = sr >= 0 && sr < m.Hs && sc >= 0 && sc < m.Ws ? img[(sr * m.Ws + sc) * C + c] : U(0);
+      }
+    }
+  }
+};
+
+template <typename U, typename F>
+bool with_pick_rows(const U* src, U* dst, const Move& m, const F& f) {
   const int64_t C = m.C, S = C > 0 ? m.rows[0].sstep : 1;
   if (C == 0 || (S != 1 && S != 2) || reinterpret_cast<uintptr_t>(dst) % kVecBytes != 0) return false;
   std::vector<int64_t> dy(C), dx(C);
@@ -1335,52 +1382,29 @@ bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
                                 *std::max_element(dx.begin(), dx.end()) - *std::min_element(dx.begin(), dx.end()));
   if (span >= 5) return false;
   const bool stream = stream_blocks(dst, m.N * m.Hd * m.Wd, C);
-  const int64_t ahead = prefetch_ahead<U>(m.N * m.Hs * m.Ws * C * static_cast<int64_t>(sizeof(U)), C);
-  auto run = [&](auto r, auto st) {
+  auto run = [&](auto r) {
     constexpr int R = decltype(r)::value;
-    constexpr bool Stream = decltype(st)::value;
-    const PickPlan<R, U> p(C, S, dy, dx);
-    const std::vector<U> zero_row(m.Ws * C, U(0));
-    parallel(m.N * m.Hd, m.Wd * C, [&](int64_t begin, int64_t end) {
-      std::vector<typename UVec<U>::V> ring(R * p.full);
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t n = q / m.Hd, i = q % m.Hd;
-        const U* img = src + n * m.Hs * m.Ws * C;
-        const U* rows[R];
-        window_rows<R>(img, i * S + p.r0, m.Hs, m.Ws * C, zero_row.data(), rows);
-        U* orow = dst + q * m.Wd * C;
-        if (p.full > 0 && S == 1 && R == 3 && p.full <= kPickRegisterVectors) {
-          if constexpr (R == 3)  // (pick_row_registers is compiled for the three-row window only)
-            with_vector_count<kPickRegisterVectors>(p.full, [&](auto nv) {
-              constexpr int NV = decltype(nv)::value;
-              if (p.two_rows) return pick_row_registers<NV, 2, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
-              pick_row_registers<NV, 3, Stream>(rows, p, m.Ws, m.Wd, ahead, orow);
-            });
-        } else if (p.full > 0 && S == 1) {
-          pick_row<1, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
-        }
-        if (p.full > 0 && S == 2) pick_row<2, R, Stream>(rows, p, m.Ws, m.Wd, ahead, orow, ring.data());
-        for (int64_t c = p.full * p.L; c < C; ++c) {  // the partial last vector
-          const int64_t sr = i * S + dy[c];
-          for (int64_t j = 0; j < m.Wd; ++j) {
-            const int64_t sc = j * S + dx[c];
-            orow[j * C + c] = sr >= 0 && sr < m.Hs && sc >= 0 && sc < m.Ws ? img[(sr * m.Ws + sc) * C + c] : U(0);
-          }
-        }
-      }
-      stream_fence<Stream>();
-    });
-  };
-  auto taps = [&](auto r) {
-    if (stream) return run(r, std::true_type{});
-    run(r, std::false_type{});
+    if (stream) return f(PickRows<R, true, U>(src, dst, m, std::move(dy), std::move(dx)));
+    f(PickRows<R, false, U>(src, dst, m, std::move(dy), std::move(dx)));
   };
   if (span < 3) {
-    taps(std::integral_constant<int, 3>{});
+    run(std::integral_constant<int, 3>{});
   } else {
-    taps(std::integral_constant<int, 5>{});
+    run(std::integral_constant<int, 5>{});
   }
   return true;
+}
+
+// Returns false (nothing done) where the conditions above do not hold.
+template <typename U>
+bool move_nhwc_pick(const U* src, U* dst, const Move& m) {
+  return with_pick_rows(src, dst, m, [&](const auto& rows) {
+    parallel(m.N * m.Hd, m.Wd * m.C, [&](int64_t begin, int64_t end) {
+      auto ring = rows.ring();
+      for (int64_t q = begin; q < end; ++q) rows.row(q, ring.data());
+      stream_fence<std::decay_t<decltype(rows)>::kStream>();
+    });
+  });
 }
 
 template <typename F>
@@ -2922,10 +2946,13 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
 // Sums over one output row of g * d out/d dy and g * d out/d dx into acc[2 v], acc[2 v + 1] (in A); rows[t] is
 // source row i*S + r0 + t (or a zero row); ring holds R slots of nv (dv, iv) pairs. Per-vector data is interleaved
 // (plan, ring, sums), so that the loop needs few pointers (with one array each, they spilled to the stack; two
-// outputs per pass, sharing the loads and stores of the sums, spilled too and ran 1.3x slower).
+// outputs per pass, sharing the loads and stores of the sums, spilled too and ran 1.3x slower). Compiled with every
+// call inlined (flatten): where GCC left ring_row's column sweep out of line (once the fused quantization-aware
+// backward added its row work to the caller), the kernel ran 4x slower.
 template <int S, int R, typename T, typename A>
-void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, int64_t C, int64_t Ws, int64_t Wo,
-              int64_t ahead, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
+__attribute__((flatten)) void grad_row(const T* const* rows, const T* grow, const CornerPicks<R, A>& p, int64_t C,
+                                       int64_t Ws, int64_t Wo, int64_t ahead, typename Vec<A>::V* ring,
+                                       typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   auto column = [&](const V* k, const T* const* src, int64_t v, int64_t len, V* d) {  // d: dv, iv
@@ -2984,9 +3011,17 @@ std::vector<double> row_block_sums(int64_t N, int64_t rows, int64_t width, int64
   return partial;
 }
 
-template <int S, typename T, typename A>
+// (The default of shift_grad_nhwc_sep's make_row_work: nothing after each row.)
+struct NoRowWork {
+  auto operator()() const {
+    return [](int64_t, int64_t) {};
+  }
+};
+
+// make_row_work, called once per thread, makes work(n, i), which runs after output row i of image n.
+template <int S, typename T, typename A, typename MakeRowWork = NoRowWork>
 bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho,
-                         int64_t Wo, const Bilinear<A>& q, double* out) {
+                         int64_t Wo, const Bilinear<A>& q, double* out, const MakeRowWork& make_row_work = {}) {
   const Window<A> win(q, C, 1);
   return with_window(win, [&](auto r) {
     constexpr int R = decltype(r)::value;
@@ -2995,10 +3030,11 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
     const std::vector<T> zero_row(W * C, T(0));
     const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
     const auto partial = row_block_sums<A>(N, Ho, Wo, C, [&] {
-      return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
+      return [&, ring = std::vector<V>(2 * R * p.nv), work = make_row_work()](int64_t n, int64_t i, V* sums) mutable {
         const T* rows[R];
         window_rows<R>(x + n * H * W * C, i * S + win.r0, H, W * C, zero_row.data(), rows);
         grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ahead, ring.data(), sums);
+        work(n, i);
       };
     });
     reduce_shift_grad<S>(partial, g, x, q, N, C, H, W, Ho, Wo, out);
@@ -3572,6 +3608,26 @@ namespace {
 
 // Input gradient (bilinear adjoint, or the integer adjoint for `rounded` shifts) and/or shift gradient, NCHW
 // planes of one channel at a time (so the shift gradient needs no cross-thread reduction), in one pass.
+// The channels_last quantization-aware backward at stride 1 in one pass over g: each thread moves row i of gx (the
+// integer adjoint, SSL Eq. 7: PickRows, as move_nhwc_pick) right after row i of the shift gradient (Eq. 6:
+// shift_grad_nhwc_sep), so that g's rows come from memory once for both, where the adjoint's own pass read them
+// again. Returns false (nothing done) where either kernel does not apply.
+template <typename T, typename A>
+bool sparse_backward_nhwc(const T* g, const T* x, T* gx, int64_t N, int64_t C, int64_t H, int64_t W, const Move& m,
+                          const Bilinear<A>& q, double* out) {
+  using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+  bool done = false;
+  with_pick_rows(reinterpret_cast<const U*>(g), reinterpret_cast<U*>(gx), m, [&](const auto& adjoint) {
+    done = shift_grad_nhwc_sep<1>(g, x, N, C, H, W, H, W, q, out, [&] {
+      return [&adjoint, H, ring = adjoint.ring()](int64_t n, int64_t i) mutable {
+        adjoint.row(n * H + i, ring.data());
+        stream_fence<std::decay_t<decltype(adjoint)>::kStream>();
+      };
+    });
+  });
+  return done;
+}
+
 struct BackwardArgs {
   Tensor g, x, shifts;       // x and shifts undefined when no shift gradient is wanted
   Tensor input_shifts;       // real shifts for the bilinear adjoint, int64 for the integer one; undefined: none
@@ -3618,6 +3674,9 @@ std::tuple<Tensor, Tensor> backward(const BackwardArgs& args) {
         // both gradients in one pass (the same shifts: bilinear_backward)
         if (bilinear_gx && want_gs && S == 1 && q_gx.same(q_gs) &&
             backward_nhwc_fused(gp, xp, gxp, N, C, H, W, q_gs, acc))
+          return;
+        if (want_gx && args.integer_adjoint && want_gs && S == 1 &&
+            sparse_backward_nhwc(gp, xp, gxp, N, C, H, W, m, q_gs, acc))
           return;
         if (want_gx && args.integer_adjoint) run_move(g, gx, m, true);
         if (bilinear_gx && (S != 1 || (!bilinear_nhwc_sep<1>(gp, gxp, N, C, Ho, Wo, H, W, q_gx, -1) &&
