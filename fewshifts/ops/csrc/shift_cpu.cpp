@@ -306,7 +306,7 @@ inline void prefetch_ahead_of(const T* p) {
 // one thread: separable forward 0.82-0.91x the time, fused backward 0.83-0.90x, quantization-aware backward
 // 0.86-0.94x (two threads: 0.71-1.03x, noisier), the ring selection (per-channel integer shifts at 576 channels)
 // 0.72-0.89x. The other integer kernels and the NCHW ones did not change (0.96-1.05x on one thread), and they keep
-// prefetcht0. On Zen 2 and Zen 3, T1 fills L1 as T0 does.
+// prefetcht0. L2-only fills for T1 are new in Zen 4, so on Zen 2 and Zen 3 it should act as T0 (not measured).
 template <typename T>
 inline void prefetch_to_l2(const T* p) {
   __builtin_prefetch(p, 0, 2);
