@@ -150,6 +150,22 @@ def test_data_dir_holding_only_the_other_split_warns(isolated, monkeypatch):
         assert len(fashion_mnist(isolated / "given", train=True, download=False)) == 16
 
 
+def test_data_dir_split_in_its_root_does_not_warn(isolated):
+    """data_dir/fashion-mnist holds the train split only and data_dir itself the test split: the test split comes
+    from data_dir, so nothing is searched elsewhere and nothing is warned about."""
+    given = isolated / "given"
+    write_fmnist(given / "fashion-mnist", n_train=16, n_test=4)
+    write_fmnist(given, n_train=20, n_test=8)
+    for name in FMNIST_NAMES[2:]:
+        (given / "fashion-mnist" / name).unlink()
+    for name in FMNIST_NAMES[:2]:
+        (given / name).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(fashion_mnist(given, train=False, download=False)) == 8
+        assert len(fashion_mnist(given, train=True, download=False)) == 16
+
+
 def test_data_dir_holding_both_splits_does_not_warn(isolated, monkeypatch):
     write_fmnist(isolated / "given" / "fashion-mnist", n_train=16, n_test=4)
     write_fmnist(isolated / "env" / "fashion-mnist", n_train=20, n_test=8)

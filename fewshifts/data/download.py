@@ -48,18 +48,21 @@ def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None
     ``dirs``), or None.
 
     A ``data_dir`` directory missing some of ``names`` but holding any of the dataset's files (``names`` or
-    ``others``, e.g. its other split) is warned about, naming the missing files, before the other roots are
-    searched.
+    ``others``, e.g. its other split) is warned about, naming the missing files, when neither of ``data_dir``'s
+    two directories holds all of ``names`` and the other roots are searched.
     """
     present, kind = (Path.is_dir, "folders") if dirs else (Path.is_file, "files")
     candidates = [d for root in search_roots(data_dir) for d in (root / folder, root)]
+    partial = []  # data_dir's directories that hold some of the dataset: warned about once both are searched
     for i, d in enumerate(candidates):
         missing = [n for n in names if not present(d / n)]
         if not missing:
             return d
         if data_dir is not None and i < 2 and any(present(d / n) for n in [*names, *others]):
-            warnings.warn(f"{d} holds only some of the {folder} {kind} ({', '.join(missing)} missing); "
-                          "searching the other data roots", stacklevel=2)
+            partial.append(f"{d} holds only some of the {folder} {kind} ({', '.join(missing)} missing)")
+        if i == 1:
+            for text in partial:
+                warnings.warn(f"{text}; searching the other data roots", stacklevel=2)
     return None
 
 
