@@ -112,11 +112,11 @@ def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, trai
     tar_name = next(iter(default_remote.checksums))
     names, others = (train_names, test_names) if train else (test_names, train_names)
     needed = [*names, meta]
-    own_tar = _find_tar(tar_name, user_roots(data_dir)[:1]) if data_dir is not None else None
+    own = Path(data_dir).expanduser() if data_dir is not None else None  # the first root searched
+    own_tar = _find_tar(tar_name, [own]) if own is not None else None
     if own_tar is None:
         extracted = find_files(folder, needed, data_dir, others)
     else:  # data_dir's tarball comes before the other roots' extracted copies (not before data_dir's own)
-        own = user_roots(data_dir)[0]
         extracted = next((d for d in (own / folder, own) if all((d / n).is_file() for n in needed)), None)
     if extracted is not None:
         where = str(extracted)
