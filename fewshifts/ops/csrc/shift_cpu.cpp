@@ -3410,7 +3410,7 @@ template <bool Rows, int Taps, typename A>
 struct TapMasks {
   static constexpr int L = Vec<A>::L;
   const int8_t* mask[Taps];    // Rows: the column masks
-  const int8_t* at_row[Taps];  // Rows: the column mask where the tap's row in the current row is inside, else none
+  const int8_t* at_row[Taps];  // Rows: for the current row, the column mask where the tap's row is inside, else none
   int64_t dy[Taps];
   const int8_t* none;
   const int64_t H, W;
