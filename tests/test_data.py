@@ -407,6 +407,19 @@ def test_image_folder_train_and_eval_transforms(tmp_path):
     assert len(batches) == 3 and batches[0][0].shape == (2, 3, 24, 24) and batches[0][0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])
+def test_subset_size_is_checked_by_both_datasets(tmp_path, bad):
+    """ArrayDataset.subset and ImageFolder.subset refuse the same sizes with the same message; None means all."""
+    arrays = ArrayDataset(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ("a",),
+                          (0.5,), (0.5,))
+    _write_image_folder(tmp_path / "train")
+    folder = ImageFolder(tmp_path / "train", train=False, size=24, resize=28)
+    for dataset in (arrays, folder):
+        assert dataset.subset(None) is dataset
+        with pytest.raises(ValueError, match=re.escape(f"subset should be a positive integer instead of {bad!r}")):
+            dataset.subset(bad)
+
+
 def test_imagenet_subset_spans_all_classes(isolated):
     for split in ("train", "val"):
         _write_image_folder(isolated / "imagenet" / split)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageEnhance
 from torch import Tensor
 
-from fewshifts.data.tensor import check_batch_size, epoch_generator, shard
+from fewshifts.data.tensor import check_batch_size, check_subset, epoch_generator, shard
 
 __all__ = ["ImageFolder", "ImageFolderLoader", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -90,8 +90,7 @@ class ImageFolder(torch.utils.data.Dataset):
         that every class keeps its share: the first ``n`` would hold only the first classes."""
         if n is None:
             return self
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"subset should be a positive integer instead of {n!r}")
+        check_subset(n)
         folder, total = copy.copy(self), len(self.samples)
         folder.samples = [self.samples[i * total // n] for i in range(n)] if n < total else list(self.samples)
         return folder

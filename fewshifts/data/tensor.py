@@ -40,8 +40,7 @@ class ArrayDataset:
         """The first ``n`` examples (all when ``n`` is None)."""
         if n is None:
             return self
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"subset should be a positive integer instead of {n!r}")
+        check_subset(n)
         return ArrayDataset(self.images[:n], self.labels[:n], self.classes, self.mean, self.std, self.source)
 
 
@@ -54,6 +53,12 @@ def shard(indices: Tensor, rank: int, world: int) -> Tensor:
     """This rank's contiguous share of a global batch (or of the evaluation set)."""
     n = len(indices)
     return indices[rank * n // world: (rank + 1) * n // world]
+
+
+def check_subset(n: int) -> None:
+    """A subset size is a positive integer (``None``, all examples, is the caller's to handle)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"subset should be a positive integer instead of {n!r}")
 
 
 def check_batch_size(batch_size: int, world: int, train: bool, examples: int, source: str) -> None:
