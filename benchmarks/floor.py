@@ -1,4 +1,4 @@
-"""The NCHW kernels against the memory traffic they cannot avoid, in one process; writes docs/benchmarks/floor.md.
+"""The kernels against the memory traffic they cannot avoid, in one process; writes docs/benchmarks/floor.md.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 FEWSHIFTS_BACKEND=cpp python benchmarks/floor.py
 
@@ -8,13 +8,15 @@ the bilinear forward, ``add`` (read two, write one) for the fused bilinear backw
 gradient alone. The floors are compiled here with ``torch.utils.cpp_extension.load_inline`` (AVX-512 or AVX2, about
 a minute). Candidates are timed round-robin in a new order each round (``interleaved_times``); medians in ms, and
 each kernel's ratio to its floor. Shifts as in ``benchmarks/ops.py``: ShiftNet's groups for the integer shift,
-U[-1, 1] for the bilinear one. See docs/benchmarks/ops_notes.md (nineteenth session).
+U[-1, 1] for the bilinear one. Both memory formats (a floor reads and writes memory in order, whatever the
+layout). See docs/benchmarks/ops_notes.md (nineteenth and twentieth sessions).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -64,7 +66,10 @@ constexpr int64_t L = sizeof(V) / sizeof(float);
 
 // kind 0: out = a; 1: out = a + b; 2: sum(a * b), no output
 torch::Tensor floor_loop(torch::Tensor a, torch::Tensor b, int64_t kind) {
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() % L == 0 && a.numel() == b.numel());
+  auto dense = [](const torch::Tensor& t) {
+    return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  };
+  TORCH_CHECK(dense(a) && dense(b) && a.strides() == b.strides() && a.numel() % L == 0 && a.numel() == b.numel());
   auto out = kind == 2 ? torch::zeros({at::get_num_threads()}) : torch::empty_like(a);
   const float* pa = a.data_ptr<float>();
   const float* pb = b.data_ptr<float>();
@@ -85,10 +90,10 @@ torch::Tensor floor_loop(torch::Tensor a, torch::Tensor b, int64_t kind) {
 """
 
 
-def _calls(shape: tuple, floors, ext) -> dict:
-    """The floors and the kernels at one shape, as no-argument callables."""
+def _calls(shape: tuple, memory_format: torch.memory_format, floors, ext) -> dict:
+    """The floors and the kernels at one shape and memory format, as no-argument callables."""
     gen = torch.Generator().manual_seed(0)
-    x, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    x, g = (torch.randn(shape, generator=gen).contiguous(memory_format=memory_format) for _ in range(2))
     C, H, W = shape[1:]
     grouped = fs.grouped_shifts(C)
     active = torch.rand(C, 2, generator=gen) * 2 - 1
@@ -120,7 +125,7 @@ def main() -> None:
         extra_ldflags=["-fopenmp"],
     )
     ext = cpp.load(required=True)
-    lines = ["# NCHW kernels against their memory floors (CPU)", ""]
+    lines = ["# Shift kernels against their memory floors (CPU)", ""]
     lines.append(f"- Machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     lines.append(
         "- Command: `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 FEWSHIFTS_BACKEND=cpp "
@@ -135,21 +140,22 @@ def main() -> None:
         "Notes: ops_notes.md, nineteenth session."
     )
     lines.append("")
-    lines.append("| shape | kernel | ms | floor | floor ms | kernel / floor |")
+    lines.append("| shape layout | kernel | ms | floor | floor ms | kernel / floor |")
     lines.append("|---|---|---|---|---|---|")
     target = [
         "",
         "Issue 2's bilinear target, the kernels' (bilinear forward + backward) / (integer shift forward + backward),",
         "and the same ratio of their floors, (copy + add) / (copy + copy):",
         "",
-        "| shape | kernels | floors |",
+        "| shape layout | kernels | floors |",
         "|---|---|---|",
     ]
-    for shape in SHAPES:
-        calls = _calls(shape, floors, ext)
+    layouts = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
+    for shape, (layout, memory_format) in itertools.product(SHAPES, layouts.items()):
+        calls = _calls(shape, memory_format, floors, ext)
         times = interleaved_times({k: lambda _, f=f: f() for k, f in calls.items()}, None, args.repeats, args.warmup)
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        tag = "x".join(map(str, shape))
+        tag = "x".join(map(str, shape)) + " " + layout
         for k, f in FLOOR_OF.items():
             fl = ms[f"floor {f}"]
             lines.append(f"| {tag} | {k} | {ms[k]:.2f} | {f} | {fl:.2f} | {ms[k] / fl:.2f}x |")

@@ -46,6 +46,14 @@ def stores(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["one_row", "two_rows"])
+def row_pairs(request, monkeypatch):
+    """The fused channels_last backward's two-pixel passes over one output row or two at a time (FEWSHIFTS_ROW_PAIRS:
+    0 or 1; by default two where the input stays cached)."""
+    monkeypatch.setenv("FEWSHIFTS_ROW_PAIRS", "0" if request.param == "one_row" else "1")
+    return request.param
+
+
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -636,9 +644,9 @@ def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reach", [1.0, 2.0])
 @pytest.mark.parametrize("channels", [5, 40, 96, 272])
-def test_channels_last_one_pass_backward_matches_reference(kernels, stores, dtype, reach, channels):
+def test_channels_last_one_pass_backward_matches_reference(kernels, stores, row_pairs, dtype, reach, channels):
     """channels_last, stride 1, corners within 3 or 5 rows and columns: both gradients of active_shift2d come from
-    one pass over g and x; sparse_shift2d's input gradient is the inverse rounded shift, moved exactly, row by row
+    one pass over g and x (one or two output rows at a time, then one for an odd row left); sparse_shift2d's input gradient is the inverse rounded shift, moved exactly, row by row
     beside its shift gradient's rows (sparse_backward_nhwc: the selection in registers up to 12 vectors per pixel,
     else its ring; streamed where pixels are whole vectors, 96 and 272 channels)."""
     g = torch.Generator().manual_seed(channels + int(reach))
@@ -676,15 +684,16 @@ TWO_PIXEL_BACKWARD = [(torch.float32, 768), (torch.float64, 384), (torch.float32
 
 @pytest.mark.parametrize(("dtype", "channels"), TWO_PIXEL_BACKWARD, ids=str)
 @pytest.mark.parametrize("offset", [0, 1, -2])
-def test_channels_last_one_pass_backward_two_pixel_passes(kernels, dtype, channels, offset):
+def test_channels_last_one_pass_backward_two_pixel_passes(kernels, row_pairs, dtype, channels, offset):
     """Where the fused channels_last backward's per-channel data exceeds L1 (768 float or 384 double channels, corners
-    in 3 rows and columns) it takes two pixels per pass and streams gx, in two strips of channels (kL1Bytes); with
+    in 3 rows and columns) it takes two pixels per pass and streams gx, in strips of channels (kL1Bytes); with
     64-byte vectors it does so at any channel count, and pixels of up to 3 whole vectors (32 and 48 floats, 16
-    doubles; not 64 floats) keep the pass's ring and sums in registers (backward_row_pairs_registers). Odd and even
-    widths, a last pixel without a partner, columns outside the image, inf/nan recomputed as the reference does; the
-    same results on one thread."""
+    doubles; not 64 floats) keep the pass's ring and sums in registers (backward_row_pairs_registers). One output row
+    per pass or two (an odd last row alone; heights 1 to 5, rows outside the image at both ends), odd and even widths,
+    a last pixel without a partner, columns outside the image, inf/nan recomputed as the reference does (both rows of
+    a pair); the same results on one thread."""
     g = torch.Generator().manual_seed(channels + offset)
-    for n, height, width in [(1, 3, 1), (2, 4, 2), (1, 2, 5), (1, 5, 8), (2, 3, 9)]:
+    for n, height, width in [(1, 3, 1), (2, 4, 2), (1, 2, 5), (1, 5, 8), (2, 3, 9), (1, 1, 4)]:
         x = torch.randn(n, channels, height, width, generator=g).to(dtype)
         grad = torch.randn(n, channels, height, width, generator=g).to(dtype)
         if width == 5:

@@ -2999,15 +2999,18 @@ __attribute__((flatten)) void grad_row(const T* const* rows, const T* grow, cons
 
 // The work items of the channels_last shift-gradient kernels: blocks of `rows` rows of each image (RowBlocks, fixed
 // by the shape: the same sums whatever the number of threads). Each thread makes its per-row work with make();
-// row(n, i, sums) adds row i's terms to sums (two vectors per vector of channels, in A), which are added to double
-// sums after every `flush` rows (at least 64 pixels together). Returns the items' sums, [item][channel][2].
+// row(n, i, count, sums) adds the terms of rows i .. i + count - 1 (count: `step`, 1 or 2, or what is left of the
+// block) to sums (two vectors per vector of channels, in A), which are added to double sums after every `flush`
+// rows (a multiple of step, at least 64 pixels together where rows are short). Returns the items' sums,
+// [item][channel][2].
 template <typename A, typename Make>
-std::vector<double> row_block_sums(int64_t N, int64_t rows, int64_t width, int64_t C, const Make& make) {
+std::vector<double> row_block_sums(int64_t N, int64_t rows, int64_t width, int64_t C, int64_t step,
+                                   const Make& make) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
   const int64_t nv = (C + L - 1) / L;
   const RowBlocks rb(N, rows);
-  const int64_t items = N * rb.count, flush = std::max<int64_t>(1, 64 / width);
+  const int64_t items = N * rb.count, flush = std::max<int64_t>(step, 64 / width / step * step);
   std::vector<double> partial(items * 2 * C, 0.0);
   parallel(items, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
     auto row = make();
@@ -3017,10 +3020,10 @@ std::vector<double> row_block_sums(int64_t N, int64_t rows, int64_t width, int64
       const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(rows, i0 + rb.per_item);
       std::fill(dy.begin(), dy.end(), 0.0);
       std::fill(dx.begin(), dx.end(), 0.0);
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t i = i0; i < i1; i += step) {
         if ((i - i0) % flush == 0) std::fill(sums.begin(), sums.end(), V{});
-        row(n, i, sums.data());
-        if ((i - i0) % flush == flush - 1 || i + 1 == i1)
+        row(n, i, std::min(step, i1 - i), sums.data());
+        if ((i - i0) % flush == flush - step || i + step >= i1)
           for (int64_t v = 0; v < nv; ++v)
             add_to_double(&dy[v * L], sums[2 * v]), add_to_double(&dx[v * L], sums[2 * v + 1]);
       }
@@ -3049,8 +3052,9 @@ bool shift_grad_nhwc_sep(const T* g, const T* x, int64_t N, int64_t C, int64_t H
     const CornerPicks<R, A> p(q, C, 1);
     const std::vector<T> zero_row(W * C, T(0));
     const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
-    const auto partial = row_block_sums<A>(N, Ho, Wo, C, [&] {
-      return [&, ring = std::vector<V>(2 * R * p.nv), work = make_row_work()](int64_t n, int64_t i, V* sums) mutable {
+    const auto partial = row_block_sums<A>(N, Ho, Wo, C, 1, [&] {
+      return [&, ring = std::vector<V>(2 * R * p.nv), work = make_row_work()](int64_t n, int64_t i, int64_t,
+                                                                               V* sums) mutable {
         const T* rows[R];
         window_rows<R>(x + n * H * W * C, i * S + win.r0, H, W * C, zero_row.data(), rows);
         grad_row<S, R>(rows, g + (n * Ho + i) * Wo * C, p, C, W, Wo, ahead, ring.data(), sums);
@@ -3146,103 +3150,124 @@ inline void g_column_at(const T* s0, const T* s1, const T* s2, int64_t at, const
   g_column<3, A>(k, y, vert, vd);
 }
 
-// One vector of channels of the fused backward's two-pixel pass (backward_pair_pass, backward_row_pairs_registers):
-// vert and vd of g's new columns (at and at + second; 0 unless In1 / In2), then gx of pixel j at o and, with Two, of
-// j + 1 at o + C (streamed) from x at xp and xp + C, adding to the sums sy, sx; the window (vert, vd of its two older
-// columns: v0, d0, v1, d1) moves on to the new ones.
-template <bool In1, bool In2, bool Two, typename T, typename A>
-inline void backward_pair_vector(const T* s0, const T* s1, const T* s2, int64_t at, int64_t second, const T* xp,
-                                 const typename Vec<A>::V* k, int64_t C, T* o, typename Vec<A>::V& v0,
-                                 typename Vec<A>::V& d0, typename Vec<A>::V& v1, typename Vec<A>::V& d1,
+// One vector of channels of the fused backward's pass over two pixels of Rows output rows (backward_pair_pass,
+// backward_row_pairs_registers): vert and vd of g's new columns (at and at + second of the Rows + 2 rows s; 0 unless
+// In1 / In2), then gx of pixel j of each row r at o + r * stride and, with Two, of j + 1 (streamed), from x at
+// xp + r * stride (+ C), adding to the sums sy, sx; each row's window (w[4 r ..]: vert, vd of its two older columns)
+// moves on to the new ones. Row r's columns come from rows r .. r + 2 of s, so two output rows load four rows of g
+// where one row at a time loads six.
+template <int Rows, bool In1, bool In2, bool Two, typename T, typename A>
+inline void backward_pair_vector(const T* const* s, int64_t at, int64_t second, const T* xp, int64_t stride,
+                                 const typename Vec<A>::V* k, int64_t C, T* o, typename Vec<A>::V* w,
                                  typename Vec<A>::V& sy, typename Vec<A>::V& sx, FiniteCheck<A>& fin) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
-  const V x0 = vload<true, A>(xp, L), x1 = Two ? vload<true, A>(xp + C, L) : V{};
-  V vt[4] = {v0, v1, V{}, V{}}, vd[4] = {d0, d1, V{}, V{}};
-  if (In1) g_column_at<T, A>(s0, s1, s2, at, k, vt[2], vd[2]);
-  if (In2) g_column_at<T, A>(s0, s1, s2, at + second, k, vt[3], vd[3]);
-  V gv = g_output<3, A>(k, vt, vd, x0, sy, sx);
-  fin.add(gv);
-  put_vec<true>(reinterpret_cast<char*>(o), &gv);
-  if (Two) {
-    gv = g_output<3, A>(k, vt + 1, vd + 1, x1, sy, sx);
-    fin.add(gv);
-    put_vec<true>(reinterpret_cast<char*>(o + C), &gv);
+  V x0[Rows], x1[Rows], y1[Rows + 2], y2[Rows + 2];
+  for (int r = 0; r < Rows; ++r) {
+    x0[r] = vload<true, A>(xp + r * stride, L);
+    x1[r] = Two ? vload<true, A>(xp + r * stride + C, L) : V{};
   }
-  v0 = vt[2], d0 = vd[2], v1 = vt[3], d1 = vd[3];
+  for (int t = 0; t < Rows + 2; ++t) {
+    if (In1) y1[t] = vload<true, A>(s[t] + at, L);
+    if (In2) y2[t] = vload<true, A>(s[t] + at + second, L);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    V* wr = w + 4 * r;
+    V vt[4] = {wr[0], wr[2], V{}, V{}}, vd[4] = {wr[1], wr[3], V{}, V{}};
+    if (In1) g_column<3, A>(k, y1 + r, vt[2], vd[2]);
+    if (In2) g_column<3, A>(k, y2 + r, vt[3], vd[3]);
+    V gv = g_output<3, A>(k, vt, vd, x0[r], sy, sx);
+    fin.add(gv);
+    put_vec<true>(reinterpret_cast<char*>(o + r * stride), &gv);
+    if (Two) {
+      gv = g_output<3, A>(k, vt + 1, vd + 1, x1[r], sy, sx);
+      fin.add(gv);
+      put_vec<true>(reinterpret_cast<char*>(o + r * stride + C), &gv);
+    }
+    wr[0] = vt[2], wr[1] = vd[2], wr[2] = vt[3], wr[3] = vd[3];
+  }
 }
 
-template <bool In1, bool In2, bool Two, typename T, typename A>
-inline void backward_pair_pass(const T* const* src, const T* xp, const CornerPicks<3, A>& p, int64_t C, int64_t v0,
-                               int64_t v1, int64_t ahead, typename Vec<A>::V* ring, T* o, typename Vec<A>::V* acc,
-                               FiniteCheck<A>& chk) {
+template <int Rows, bool In1, bool In2, bool Two, typename T, typename A>
+inline void backward_pair_pass(const T* const* src, const T* xp, int64_t stride, const CornerPicks<3, A>& p,
+                               int64_t C, int64_t v0, int64_t v1, int64_t ahead, typename Vec<A>::V* ring, T* o,
+                               typename Vec<A>::V* acc, FiniteCheck<A>& chk) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L, K = CornerPicks<3, A>::K;
-  const T* s0 = src[0];
-  const T* s1 = src[1];
-  const T* s2 = src[2];
+  const T* s[Rows + 2];
+  for (int t = 0; t < Rows + 2; ++t) s[t] = src[t];
   const int64_t second = In1 ? C : 0;  // column c2's offset from src
   const V* plan = p.k.data();
   FiniteCheck<A> fin = chk;  // a local: in chk, the check's bits were stored and reloaded around every store of gx
   for (int64_t v = v0; v < v1; ++v) {
     const int64_t e = v * L;
-    if (ahead != 0 && v % kVectorsPerLine == 0) {  // `ahead` on, one per line: g's newest row, x (both columns)
-      prefetch_to_l2(s2 + e + ahead), prefetch_to_l2(s2 + e + C + ahead);
-      prefetch_to_l2(xp + e + ahead), prefetch_to_l2(xp + e + C + ahead);
+    if (ahead != 0 && v % kVectorsPerLine == 0) {  // `ahead` on, one per line: g's newest rows, x (both columns)
+      for (int t = 2; t < Rows + 2; ++t) prefetch_to_l2(s[t] + e + ahead), prefetch_to_l2(s[t] + e + C + ahead);
+      for (int r = 0; r < Rows; ++r)
+        prefetch_to_l2(xp + r * stride + e + ahead), prefetch_to_l2(xp + r * stride + e + C + ahead);
     }
-    V* r = ring + 4 * v;  // vert, vd of the two older columns
-    V w[4] = {r[0], r[1], r[2], r[3]};
+    V* rg = ring + 4 * Rows * v;  // per row: vert, vd of the two older columns
+    V w[4 * Rows];
+    for (int u = 0; u < 4 * Rows; ++u) w[u] = rg[u];
     V sy = acc[2 * v], sx = acc[2 * v + 1];  // locals: the store of gx below may alias acc, which would be reloaded
-    backward_pair_vector<In1, In2, Two>(s0, s1, s2, e, second, xp + e, plan + v * K, C, o + e, w[0], w[1], w[2], w[3],
-                                        sy, sx, fin);
+    backward_pair_vector<Rows, In1, In2, Two>(s, e, second, xp + e, stride, plan + v * K, C, o + e, w, sy, sx, fin);
     acc[2 * v] = sy, acc[2 * v + 1] = sx;
-    r[0] = w[0], r[1] = w[1], r[2] = w[2], r[3] = w[3];
+    for (int u = 0; u < 4 * Rows; ++u) rg[u] = w[u];
   }
   chk = fin;
 }
 
-// The fused backward's data per vector of channels, one or two pixels per pass: plan 3 (CornerPicks), ring 4 (vert
-// and vd of two columns), sums 2.
+// The fused backward's data per vector of channels and output row, one or two pixels per pass: plan 3 (CornerPicks),
+// ring 4 (vert and vd of two columns), sums 2.
 constexpr int64_t kFusedVectors = 9;
 constexpr int kFusedRegisterVectors = kVecBytes == 64 ? 3 : 0;
 
-template <typename T, typename A>
+// Rows output rows (i, or i and i + 1) of the fused backward at R = 3, two pixels per pass: grows[0 .. Rows + 1] are
+// g's rows i + r0 .. i + r0 + Rows + 1 (or zero rows), xrow and gxrow row i of x and gx (row i + 1 follows). Two rows
+// share the loads of g's two middle rows and of each vector's plan and sums: 25 loads per four output vectors where
+// one row makes 34 (fused_row_pairs says where).
+template <int Rows, typename T, typename A>
 bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<3, A>& p, int64_t C, int64_t W,
                         int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L;
-  const int64_t k0 = p.win.k0;
+  const int64_t k0 = p.win.k0, stride = W * C;
   FiniteCheck<A> chk;
-  const int64_t strip = strip_vectors(kFusedVectors * static_cast<int64_t>(sizeof(V)));
-  for (int64_t b0 = 0; b0 < p.nv; b0 += strip) {  // channel strips [b0, b1) of vectors, the row once for each
+  const int64_t strip = strip_vectors((kFusedVectors + 4 * (Rows - 1)) * static_cast<int64_t>(sizeof(V)));
+  for (int64_t b0 = 0; b0 < p.nv; b0 += strip) {  // channel strips [b0, b1) of vectors, the rows once for each
     const int64_t b1 = std::min(p.nv, b0 + strip);
-    for (int c = 0; c < 2; ++c) {  // the ring: vert, vd of columns k0 and k0 + 1
+    for (int c = 0; c < 2; ++c) {  // the ring: vert, vd of columns k0 and k0 + 1 of each row
       const int64_t col = k0 + c;
-      for (int64_t v = b0; v < b1; ++v) {
-        V vert{}, vd{};
-        if (col >= 0 && col < W)
-          g_column_at<T, A>(grows[0], grows[1], grows[2], col * C + v * L, p.k.data() + v * CornerPicks<3, A>::K, vert,
-                            vd);
-        ring[4 * v + 2 * c] = vert, ring[4 * v + 2 * c + 1] = vd;
-      }
+      for (int64_t v = b0; v < b1; ++v)
+        for (int r = 0; r < Rows; ++r) {
+          V vert{}, vd{};
+          if (col >= 0 && col < W)
+            g_column_at<T, A>(grows[r], grows[r + 1], grows[r + 2], col * C + v * L,
+                              p.k.data() + v * CornerPicks<3, A>::K, vert, vd);
+          ring[4 * Rows * v + 4 * r + 2 * c] = vert, ring[4 * Rows * v + 4 * r + 2 * c + 1] = vd;
+        }
     }
     for (int64_t j = 0; j < W; j += 2) {
       const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
       const bool two = j + 1 < W, in1 = c1 >= 0 && c1 < W, in2 = two && c2 >= 0 && c2 < W;
       const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
-      const T* src[3] = {grows[0] + at, grows[1] + at, grows[2] + at};
+      const T* src[Rows + 2];
+      for (int t = 0; t < Rows + 2; ++t) src[t] = grows[t] + at;
       const T* xp = xrow + j * C;
       T* o = gxrow + j * C;
       const int64_t pf = in1 || in2 ? ahead : 0;
+      auto pass = [&](auto i1, auto i2, auto tw) {
+        backward_pair_pass<Rows, decltype(i1)::value, decltype(i2)::value, decltype(tw)::value>(
+            src, xp, stride, p, C, b0, b1, pf, ring, o, acc, chk);
+      };
+      using Y = std::true_type;
+      using N = std::false_type;
       if (!two) {
-        in1 ? backward_pair_pass<true, false, false>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk)
-            : backward_pair_pass<false, false, false>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk);
+        in1 ? pass(Y{}, N{}, N{}) : pass(N{}, N{}, N{});
       } else if (in1) {
-        in2 ? backward_pair_pass<true, true, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk)
-            : backward_pair_pass<true, false, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk);
+        in2 ? pass(Y{}, Y{}, Y{}) : pass(Y{}, N{}, Y{});
       } else {
-        in2 ? backward_pair_pass<false, true, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk)
-            : backward_pair_pass<false, false, true>(src, xp, p, C, b0, b1, pf, ring, o, acc, chk);
+        in2 ? pass(N{}, Y{}, Y{}) : pass(N{}, N{}, Y{});
       }
     }
   }
@@ -3289,8 +3314,10 @@ bool backward_row_pairs_registers(const T* const* grows, const T* xrow, const Co
         if constexpr (In1 || In2) prefetch_to_l2(s2 + at + ahead), prefetch_to_l2(s2 + at + C + ahead);
         prefetch_to_l2(xp + e + ahead), prefetch_to_l2(xp + e + C + ahead);
       }
-      backward_pair_vector<In1, In2, Two>(s0, s1, s2, at, C, xp + e, plan + v * K, C, o + e, vt0[v], vd0[v], vt1[v],
-                                          vd1[v], sy[v], sx[v], fin);
+      const T* s[3] = {s0, s1, s2};
+      V w[4] = {vt0[v], vd0[v], vt1[v], vd1[v]};
+      backward_pair_vector<1, In1, In2, Two>(s, at, C, xp + e, 0, plan + v * K, C, o + e, w, sy[v], sx[v], fin);
+      vt0[v] = w[0], vd0[v] = w[1], vt1[v] = w[2], vd1[v] = w[3];
     }
   };
   for_pixel_pairs(k0, W, W, pass);
@@ -3316,6 +3343,19 @@ bool pairs_fit(const T* gx, int64_t C) {
          kFusedVectors * nv * static_cast<int64_t>(sizeof(V)) > kPairBytes;
 }
 
+// Whether the fused backward's two-pixel passes take two output rows at a time (backward_row_pairs<2>): where its
+// input stays cached, so that it is not prefetched (ahead == 0). One build, either setting, shuffled rounds, two
+// threads (Zen 5, twentieth session, ops_notes.md): cached, 0.83-0.97x the time of one row at a time (32x96x32x32,
+// 32x64x32x32, 8x1152x16x16, 16x128x28x28, 4x192x56x56, 2x576x32x32, 8x256x31x33); from memory, with the software
+// prefetch (now of two new rows of g and two of x), 1.02-1.07x at 1x576x112x112 and 32x576x32x32 (0.92-0.95x at
+// 32x1152x16x16), with no prefetch distance better. FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the tests
+// cover both).
+inline bool fused_row_pairs(int64_t ahead) {
+  const char* e = std::getenv("FEWSHIFTS_ROW_PAIRS");
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  return ahead == 0;
+}
+
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
 template <typename T, typename A>
 bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, int64_t H, int64_t W,
@@ -3330,31 +3370,43 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
     const std::vector<T> zero_row(W * C, T(0));
     const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
     OutsideScan<A> outside(q, H, W, C);
-    const auto partial = row_block_sums<A>(N, H, W, C, [&] {
-      return [&, ring = std::vector<V>(2 * R * p.nv)](int64_t n, int64_t i, V* sums) mutable {
+    const int64_t step = R == 3 && pairs && !registers && fused_row_pairs(ahead) ? 2 : 1;
+    const auto partial = row_block_sums<A>(N, H, W, C, step, [&] {
+      return [&, ring = std::vector<V>(std::max<int64_t>(2 * R, 8) * p.nv)](int64_t n, int64_t i, int64_t rows_here,
+                                                                            V* sums) mutable {
         const T* gimg = g + n * H * W * C;
-        const T* rows[R];
-        window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
         T* gxrow = gx + (n * H + i) * W * C;
         const T* xrow = x + (n * H + i) * W * C;
         bool finite;
         if constexpr (R == 3) {
-          if constexpr (kFusedRegisterVectors > 0) {
-            if (registers) {
-              finite = with_vector_count<kFusedRegisterVectors>(p.nv, [&](auto nv) {
-                return backward_row_pairs_registers<decltype(nv)::value>(rows, xrow, p, C, W, ahead, gxrow, sums);
-              });
+          if (rows_here == 2) {
+            const T* rows[R + 1];
+            window_rows<R + 1>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
+            finite = backward_row_pairs<2>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
+          } else {
+            const T* rows[R];
+            window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
+            if constexpr (kFusedRegisterVectors > 0) {
+              if (registers) {
+                finite = with_vector_count<kFusedRegisterVectors>(p.nv, [&](auto nv) {
+                  return backward_row_pairs_registers<decltype(nv)::value>(rows, xrow, p, C, W, ahead, gxrow, sums);
+                });
+              }
+            }
+            if (!registers) {
+              finite = pairs ? backward_row_pairs<1>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums)
+                             : backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
             }
           }
-          if (!registers) {
-            finite = pairs ? backward_row_pairs(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums)
-                           : backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
-          }
         } else {
+          const T* rows[R];
+          window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
           finite = backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
         }
-        if (!finite) bilinear_exact_row<1>(q, -1, gimg, C, H, W, i, W, gxrow);
-        outside.row(gimg + i * W * C, i);  // g's row i, which the window has just read
+        for (int64_t r = 0; r < rows_here; ++r) {
+          if (!finite) bilinear_exact_row<1>(q, -1, gimg, C, H, W, i + r, W, gxrow + r * W * C);
+          outside.row(gimg + (i + r) * W * C, i + r);  // g's row i + r, which the window has just read
+        }
       };
     });
     reduce_shift_grad<1>(partial, g, x, q, N, C, H, W, H, W, out, &outside);
