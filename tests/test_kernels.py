@@ -48,8 +48,8 @@ def stores(request, monkeypatch):
 
 @pytest.fixture(params=["one_row", "two_rows"])
 def row_pairs(request, monkeypatch):
-    """The fused channels_last backward's two-pixel passes over one output row or two at a time (FEWSHIFTS_ROW_PAIRS:
-    0 or 1; by default two where the input stays cached)."""
+    """The channels_last two-pixel kernels (separable forward and input gradient, fused backward) over one output row
+    or two at a time (FEWSHIFTS_ROW_PAIRS: 0 or 1; by default two where the input stays cached)."""
     monkeypatch.setenv("FEWSHIFTS_ROW_PAIRS", "0" if request.param == "one_row" else "1")
     return request.param
 
@@ -410,17 +410,18 @@ def test_bilinear_vector_kernels_match_reference(kernels, channels, dtype, strid
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("offset", [0, 1, -2, 3])
-def test_channels_last_separable_two_pixel_passes(kernels, stores, dtype, offset):
+def test_channels_last_separable_two_pixel_passes(kernels, stores, row_pairs, dtype, offset):
     """The channels_last bilinear forward and input gradient at stride 1 with every channel's corners in 3 rows and
     3 columns (shifts within a pixel of one integer `offset`) compute two output pixels per pass: odd and even widths,
     a last pixel without a partner, columns outside the image on either side or (offset 3 on narrow images) every
     column of a pass, channel counts with a partial last vector, pixels of whole vectors that the kernel keeps in
     registers (up to 10 vectors, 8 without AVX-512: sep_row_pairs_registers) and beyond, and 1000 channels, which the
     kernel takes in two strips (kL1Bytes: a strip holds 768 floats, or 384 doubles, with 64- or 32-byte vectors
-    alike) with the partial vector in the second; ordinary and non-temporal stores."""
+    alike) with the partial vector in the second; ordinary and non-temporal stores; one output row per pass or two
+    (two in registers up to 5 vectors; heights 1 to 5: an odd last row alone, rows outside the image)."""
     g = torch.Generator().manual_seed(offset + 7)
     shapes = [(8, 3, 1), (13, 4, 2), (24, 2, 3), (5, 3, 4), (40, 3, 7), (16, 2, 8), (9, 5, 9), (1000, 3, 5)]
-    shapes += [(32, 3, 6), (96, 2, 5), (160, 3, 4), (176, 2, 3)]
+    shapes += [(32, 3, 6), (96, 2, 5), (160, 3, 4), (176, 2, 3), (64, 1, 6), (80, 5, 7)]
     for channels, height, width in shapes:
         x = torch.randn(2, channels, height, width, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
         real = torch.rand(channels, 2, generator=g) * 1.8 - 0.9 + offset
@@ -458,13 +459,13 @@ def test_bilinear_non_finite_like_reference(kernels, plane_form, layout):
 @pytest.mark.parametrize("channels", [24, 32])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("reach", [0.9, 1.0, 2.0])
-def test_separable_channels_last_kernels_non_finite_like_reference(kernels, stride, reach, channels):
+def test_separable_channels_last_kernels_non_finite_like_reference(kernels, row_pairs, stride, reach, channels):
     """channels_last kernels that weigh all taps of a window per channel (the separable forward and input gradient for
     shifts within a pixel, the separable shift gradient within two): a channel's 0 * inf at taps it does not use is
     recomputed from its own corners, so inf/nan land where the reference puts them. At reach 0.9 every channel's
     corners lie in 3 rows and columns (the two-pixel passes at stride 1; for whole vectors, 32 channels, or 24 with
-    32-byte vectors, with the ring in registers: sep_row_pairs_registers); at 1.0 the integral shifts of +-1 widen
-    the window to 5."""
+    32-byte vectors, with the ring in registers: sep_row_pairs_registers; one output row per pass or two, both rows
+    recomputed); at 1.0 the integral shifts of +-1 widen the window to 5."""
     g = torch.Generator().manual_seed(int(reach * 10) + stride)
     x = torch.randn(2, channels, 7, 9, generator=g)
     x[0, :, 3, 4] = float("inf")
@@ -646,9 +647,10 @@ def test_sparse_backward_matches_its_parts(kernels, plane_form, case):
 @pytest.mark.parametrize("channels", [5, 40, 96, 272])
 def test_channels_last_one_pass_backward_matches_reference(kernels, stores, row_pairs, dtype, reach, channels):
     """channels_last, stride 1, corners within 3 or 5 rows and columns: both gradients of active_shift2d come from
-    one pass over g and x (one or two output rows at a time, then one for an odd row left); sparse_shift2d's input gradient is the inverse rounded shift, moved exactly, row by row
-    beside its shift gradient's rows (sparse_backward_nhwc: the selection in registers up to 12 vectors per pixel,
-    else its ring; streamed where pixels are whole vectors, 96 and 272 channels)."""
+    one pass over g and x (one or two output rows at a time, then one for an odd row left); sparse_shift2d's input
+    gradient is the inverse rounded shift, moved exactly, row by row beside its shift gradient's rows
+    (sparse_backward_nhwc: the selection in registers up to 12 vectors per pixel, else its ring; streamed where pixels
+    are whole vectors, 96 and 272 channels)."""
     g = torch.Generator().manual_seed(channels + int(reach))
     N, H, W = (1, 37, 13) if channels == 40 else (3, 11, 13)
     x = torch.randn(N, channels, H, W, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)

@@ -328,6 +328,20 @@ int64_t prefetch_ahead(int64_t bytes, int64_t C) {
   return (kPrefetchBytes + pixel - 1) / pixel * C;
 }
 
+// Whether the channels_last two-pixel kernels at R = 3 (sep_row_pairs, its register form for up to 5 vectors, and
+// backward_row_pairs) take two output rows per pass, where their input stays cached and so is not prefetched (ahead
+// == 0 from prefetch_ahead): the two rows share the loads of the two middle source rows and of each vector's weights
+// (or plan and sums). One build, either setting, shuffled rounds, two threads (Zen 5, twentieth session,
+// ops_notes.md): cached (2-16 MB), the fused backward 0.83-0.97x the time of one row at a time, the separable forward
+// and input gradient 0.81-0.95x; from memory, with the software prefetch (of two new rows), the fused backward
+// 1.02-1.07x at 1x576x112x112 and 32x576x32x32 (0.92-0.95x at 32x1152x16x16; no prefetch distance better), the
+// separable kernels 0.85-1.11x. FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the tests cover both).
+inline bool two_rows_per_pass(int64_t ahead) {
+  const char* e = std::getenv("FEWSHIFTS_ROW_PAIRS");
+  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
+  return ahead == 0;
+}
+
 template <typename T>
 void copy_n(T* dst, const T* src, int64_t n) {
   copy_bytes(reinterpret_cast<char*>(dst), reinterpret_cast<const char*>(src), n * sizeof(T));
@@ -2742,14 +2756,15 @@ inline typename Vec<A>::V sep_vertical(const T* s0, const T* s1, const T* s2, in
   return a;
 }
 
-// One vector of channels of the separable forward's two-pixel pass (sep_pair_pass, sep_row_pairs_registers): the
-// vertical sums n1, n2 of the new columns (at and at + second; 0 unless In1 / In2), output j at o and, with Two,
-// j + 1 at o + C from the window's sums w0, w1, n1, n2 (TapWeights k: its column weights), term by term as sep_row;
-// then the window moves on: w0, w1 = n1, n2.
-template <bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
-inline void sep_pair_vector(const T* s0, const T* s1, const T* s2, int64_t at, int64_t second,
-                            const typename Vec<A>::V* k, int64_t len, int64_t C, T* o, typename Vec<A>::V& w0,
-                            typename Vec<A>::V& w1, FiniteCheck<A>& fin) {
+// One vector of channels of the separable forward's pass over two pixels of Rows output rows (sep_pair_pass,
+// sep_row_pairs_registers): the vertical sums n1, n2 of the new columns (at and at + second of the Rows + 2 source
+// rows s; 0 unless In1 / In2; row r's from rows r .. r + 2), output j of row r at o + r * stride and, with Two, j + 1
+// from the window's sums w[2 r], w[2 r + 1], n1, n2 (TapWeights k: its column weights), term by term as sep_row; then
+// each row's window moves on: w[2 r], w[2 r + 1] = n1, n2.
+template <int Rows, bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
+inline void sep_pair_vector(const T* const* s, int64_t at, int64_t second, int64_t stride,
+                            const typename Vec<A>::V* k, int64_t len, int64_t C, T* o, typename Vec<A>::V* w,
+                            FiniteCheck<A>& fin) {
   using V = typename Vec<A>::V;
   auto put = [&](T* d, const V& u0, const V& u1, const V& u2) {
     V a = k[3] * u0;
@@ -2762,37 +2777,51 @@ inline void sep_pair_vector(const T* s0, const T* s1, const T* s2, int64_t at, i
       vstore<Full, A>(d, a, len);
     }
   };
-  const V n1 = In1 ? sep_vertical<Full, T, A>(s0, s1, s2, at, k, len) : V{};
-  const V n2 = In2 ? sep_vertical<Full, T, A>(s0, s1, s2, at + second, k, len) : V{};
-  put(o, w0, w1, n1);
-  if (Two) put(o + C, w1, n1, n2);
-  w0 = n1, w1 = n2;
+  auto vertical = [&](const V* y) {  // as sep_vertical
+    V a = k[0] * y[0];
+    a += k[1] * y[1];
+    a += k[2] * y[2];
+    return a;
+  };
+  V y1[Rows + 2], y2[Rows + 2];
+  for (int t = 0; t < Rows + 2; ++t) {
+    if (In1) y1[t] = vload<Full, A>(s[t] + at, len);
+    if (In2) y2[t] = vload<Full, A>(s[t] + at + second, len);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const V n1 = In1 ? vertical(y1 + r) : V{};
+    const V n2 = In2 ? vertical(y2 + r) : V{};
+    put(o + r * stride, w[2 * r], w[2 * r + 1], n1);
+    if (Two) put(o + r * stride + C, w[2 * r + 1], n1, n2);
+    w[2 * r] = n1, w[2 * r + 1] = n2;
+  }
 }
 
-template <bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
-inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, int64_t C, int64_t v0, int64_t v1,
-                          int64_t len, int64_t ahead, typename Vec<A>::V* ring, T* o, FiniteCheck<A>& chk) {
+template <int Rows, bool Stream, bool In1, bool In2, bool Two, bool Full, typename T, typename A>
+inline void sep_pair_pass(const T* const* src, const typename Vec<A>::V* plan, int64_t C, int64_t stride, int64_t v0,
+                          int64_t v1, int64_t len, int64_t ahead, typename Vec<A>::V* ring, T* o, FiniteCheck<A>& chk) {
   using V = typename Vec<A>::V;
   constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
-  const T* s0 = src[0];
-  const T* s1 = src[1];
-  const T* s2 = src[2];
+  const T* s[Rows + 2];
+  for (int t = 0; t < Rows + 2; ++t) s[t] = src[t];
   const int64_t second = In1 ? C : 0;  // column c2's offset from src
   FiniteCheck<A> fin = chk;  // a local (as in backward_pair_pass)
   for (int64_t v = v0; v < v1; ++v) {
     const int64_t e = v * L;
-    if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest row's lines `ahead` on, of both columns (one per line)
-      prefetch_to_l2(s2 + e + ahead), prefetch_to_l2(s2 + e + C + ahead);
-    V* r = ring + 2 * v;
-    V w0 = r[0], w1 = r[1];
-    sep_pair_vector<Stream, In1, In2, Two, Full>(s0, s1, s2, e, second, plan + v * K, len, C, o + e, w0, w1, fin);
-    r[0] = w0, r[1] = w1;
+    if (ahead != 0 && v % kVectorsPerLine == 0)  // the newest rows' lines `ahead` on, of both columns (one per line)
+      for (int t = 2; t < Rows + 2; ++t) prefetch_to_l2(s[t] + e + ahead), prefetch_to_l2(s[t] + e + C + ahead);
+    V* r = ring + 2 * Rows * v;
+    V w[2 * Rows];
+    for (int u = 0; u < 2 * Rows; ++u) w[u] = r[u];
+    sep_pair_vector<Rows, Stream, In1, In2, Two, Full>(s, e, second, stride, plan + v * K, len, C, o + e, w, fin);
+    for (int u = 0; u < 2 * Rows; ++u) r[u] = w[u];
   }
   chk = fin;
 }
 
-// One output row of bilinear_nhwc_sep at stride 1, R = 3, by sep_pair_pass. Returns whether every output was finite.
-template <bool Stream, typename T, typename A>
+// Rows output rows (i, or i and i + 1) of bilinear_nhwc_sep at stride 1, R = 3, by sep_pair_pass: rows[0 .. Rows + 1]
+// are its source rows (or zero rows), orow row i (row i + 1 follows). Returns whether every output was finite.
+template <int Rows, bool Stream, typename T, typename A>
 bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, int64_t Ws, int64_t Wo,
                    int64_t ahead, T* orow, typename Vec<A>::V* ring) {
   using V = typename Vec<A>::V;
@@ -2800,31 +2829,35 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
   const int64_t full = C / L, tail = C % L, nv = full + (tail != 0), k0 = p.win.k0;
   const V* plan = p.k.data();
   FiniteCheck<A> chk;
-  const int64_t strip = strip_vectors((K + 2) * static_cast<int64_t>(sizeof(V)));  // weights 6, ring 2
+  const int64_t strip = strip_vectors((K + 2 * Rows) * static_cast<int64_t>(sizeof(V)));  // weights 6, ring 2 a row
   for (int64_t b0 = 0; b0 < nv; b0 += strip) {  // channel strips [b0, b1) of vectors, the row once for each
     const int64_t b1 = std::min(nv, b0 + strip), f1 = std::min(b1, full);
-    for (int c = 0; c < 2; ++c) {  // the ring: the vertical sums of columns k0 and k0 + 1
+    for (int c = 0; c < 2; ++c) {  // the ring: the vertical sums of columns k0 and k0 + 1 of each row
       const int64_t col = k0 + c;
       for (int64_t v = b0; v < b1; ++v) {
         const int64_t len = v < full ? L : tail;
         const V* k = plan + v * K;
         const int64_t at = col * C + v * L;
-        ring[2 * v + c] = col < 0 || col >= Ws ? V{}
-                          : len == L         ? sep_vertical<true, T, A>(rows[0], rows[1], rows[2], at, k, len)
-                                             : sep_vertical<false, T, A>(rows[0], rows[1], rows[2], at, k, len);
+        for (int r = 0; r < Rows; ++r) {
+          const T* const* y = rows + r;
+          ring[2 * Rows * v + 2 * r + c] = col < 0 || col >= Ws ? V{}
+                                           : len == L ? sep_vertical<true, T, A>(y[0], y[1], y[2], at, k, len)
+                                                      : sep_vertical<false, T, A>(y[0], y[1], y[2], at, k, len);
+        }
       }
     }
     for (int64_t j = 0; j < Wo; j += 2) {
       const int64_t c1 = j + k0 + 2, c2 = c1 + 1;
       const bool two = j + 1 < Wo, in1 = c1 >= 0 && c1 < Ws, in2 = two && c2 >= 0 && c2 < Ws;
       const int64_t at = (in1 ? c1 : in2 ? c2 : 0) * C;
-      const T* src[3] = {rows[0] + at, rows[1] + at, rows[2] + at};
+      const T* src[Rows + 2];
+      for (int t = 0; t < Rows + 2; ++t) src[t] = rows[t] + at;
       T* o = orow + j * C;
       auto pass = [&](auto i1, auto i2, auto tw) {
         constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
         const int64_t pf = in1 || in2 ? ahead : 0;
-        sep_pair_pass<Stream, I1, I2, Tw, true>(src, plan, C, b0, f1, L, pf, ring, o, chk);
-        if (f1 < b1) sep_pair_pass<Stream, I1, I2, Tw, false>(src, plan, C, f1, b1, tail, 0, ring, o, chk);
+        sep_pair_pass<Rows, Stream, I1, I2, Tw, true>(src, plan, C, Wo * C, b0, f1, L, pf, ring, o, chk);
+        if (f1 < b1) sep_pair_pass<Rows, Stream, I1, I2, Tw, false>(src, plan, C, Wo * C, f1, b1, tail, 0, ring, o, chk);
       };
       using Y = std::true_type;
       using N = std::false_type;
@@ -2868,7 +2901,7 @@ inline void for_pixel_pairs(int64_t k0, int64_t Ws, int64_t Wo, const Pass& pass
 // without AVX-512 (16 registers) 0.76-0.91x at 4-8 vectors.
 constexpr int kSeparableRegisterVectors = kVectorRegisters == 32 ? 10 : 8;
 
-template <int NV, bool Stream, typename T, typename A>
+template <int Rows, int NV, bool Stream, typename T, typename A>
 __attribute__((flatten))  // with_vector_count: the lambdas inlined
 bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, int64_t C, int64_t Ws, int64_t Wo,
                              int64_t ahead, T* orow) {
@@ -2876,16 +2909,18 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
   constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
   const int64_t k0 = p.win.k0;
   const V* plan = p.k.data();
-  const T* s0 = rows[0];
-  const T* s1 = rows[1];
-  const T* s2 = rows[2];
+  const T* s[Rows + 2];
+  for (int t = 0; t < Rows + 2; ++t) s[t] = rows[t];
   FiniteCheck<A> fin;
-  V r0[NV], r1[NV];  // vertical sums of columns j + k0 and j + k0 + 1
+  V w[NV][2 * Rows];  // per row: vertical sums of columns j + k0 and j + k0 + 1
 #pragma GCC unroll 12
   for (int v = 0; v < NV; ++v) {
     const V* k = plan + v * K;
-    r0[v] = k0 >= 0 && k0 < Ws ? sep_vertical<true, T, A>(s0, s1, s2, k0 * C + v * L, k, L) : V{};
-    r1[v] = k0 + 1 >= 0 && k0 + 1 < Ws ? sep_vertical<true, T, A>(s0, s1, s2, (k0 + 1) * C + v * L, k, L) : V{};
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < 2; ++c)
+        w[v][2 * r + c] = k0 + c >= 0 && k0 + c < Ws
+                              ? sep_vertical<true, T, A>(s[r], s[r + 1], s[r + 2], (k0 + c) * C + v * L, k, L)
+                              : V{};
   }
   auto pass = [&](int64_t j, auto i1, auto i2, auto tw) {
     constexpr bool In1 = decltype(i1)::value, In2 = decltype(i2)::value, Two = decltype(tw)::value;
@@ -2895,8 +2930,8 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
     for (int v = 0; v < NV; ++v) {
       const int64_t e = c1 * C + v * L;
       if (ahead != 0 && (In1 || In2) && v % kVectorsPerLine == 0)
-        prefetch_to_l2(s2 + e + ahead), prefetch_to_l2(s2 + e + C + ahead);
-      sep_pair_vector<Stream, In1, In2, Two, true>(s0, s1, s2, e, C, plan + v * K, L, C, o + v * L, r0[v], r1[v], fin);
+        for (int t = 2; t < Rows + 2; ++t) prefetch_to_l2(s[t] + e + ahead), prefetch_to_l2(s[t] + e + C + ahead);
+      sep_pair_vector<Rows, Stream, In1, In2, Two, true>(s, e, C, Wo * C, plan + v * K, L, C, o + v * L, w[v], fin);
     }
   };
   for_pixel_pairs(k0, Ws, Wo, pass);
@@ -2914,36 +2949,52 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
     constexpr int R = decltype(r)::value;
     const TapWeights<R, A> p(q, C, sign);
     const bool registers = S == 1 && R == 3 && C % Vec<A>::L == 0 && p.nv <= kSeparableRegisterVectors;
+    // two rows per pass where their registers fit (6-10 vectors keep one row in registers: at 96 float channels that
+    // ran 0.83-0.86x the time of two rows in sep_row_pairs)
+    const bool two_rows =
+        S == 1 && R == 3 && two_rows_per_pass(ahead) && (!registers || p.nv <= kSeparableRegisterVectors / 2);
+    const int64_t step = two_rows ? 2 : 1;
     const std::vector<T> zero_row(Ws * C, T(0));
     const RowBlocks rb(N, Ho);
     parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
       using V = typename Vec<A>::V;
-      std::vector<V> ring(R * p.nv);
+      std::vector<V> ring(std::max(R, 4) * p.nv);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / rb.count, i0 = item % rb.count * rb.per_item, i1 = std::min(Ho, i0 + rb.per_item);
         const T* img = src + n * Hs * Ws * C;
-        for (int64_t i = i0; i < i1; ++i) {
-          const T* rows[R];
-          window_rows<R>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
+        for (int64_t i = i0; i < i1; i += step) {
+          const int64_t rows_here = std::min(step, i1 - i);
           T* orow = dst + (n * Ho + i) * Wo * C;
           V* rg = ring.data();
           bool finite;
           if constexpr (S == 1 && R == 3) {
-            if (registers) {
-              finite = with_vector_count<kSeparableRegisterVectors>(p.nv, [&](auto nv) {
-                constexpr int NV = decltype(nv)::value;
-                return stream ? sep_row_pairs_registers<NV, true>(rows, p, C, Ws, Wo, ahead, orow)
-                              : sep_row_pairs_registers<NV, false>(rows, p, C, Ws, Wo, ahead, orow);
-              });
-            } else {
-              finite = stream ? sep_row_pairs<true>(rows, p, C, Ws, Wo, ahead, orow, rg)
-                              : sep_row_pairs<false>(rows, p, C, Ws, Wo, ahead, orow, rg);
-            }
+            auto run = [&](auto two_rows) {
+              constexpr int Rows = decltype(two_rows)::value ? 2 : 1;
+              const T* rows[R + Rows - 1];
+              window_rows<R + Rows - 1>(img, i + win.r0, Hs, Ws * C, zero_row.data(), rows);
+              if (registers) {
+                return with_vector_count<kSeparableRegisterVectors>(p.nv, [&](auto nv) {
+                  constexpr int NV = decltype(nv)::value;
+                  if constexpr (Rows == 2 && NV > kSeparableRegisterVectors / 2) {
+                    return false;  // not taken (two_rows)
+                  } else {
+                    return stream ? sep_row_pairs_registers<Rows, NV, true>(rows, p, C, Ws, Wo, ahead, orow)
+                                  : sep_row_pairs_registers<Rows, NV, false>(rows, p, C, Ws, Wo, ahead, orow);
+                  }
+                });
+              }
+              return stream ? sep_row_pairs<Rows, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
+                            : sep_row_pairs<Rows, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
+            };
+            finite = rows_here == 2 ? run(std::true_type{}) : run(std::false_type{});
           } else {
+            const T* rows[R];
+            window_rows<R>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
             finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
                             : sep_row<S, R, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
           }
-          if (!finite) bilinear_exact_row<S>(q, sign, img, C, Hs, Ws, i, Wo, orow);
+          for (int64_t r = 0; r < rows_here; ++r)
+            if (!finite) bilinear_exact_row<S>(q, sign, img, C, Hs, Ws, i + r, Wo, orow + r * Wo * C);
         }
         if (stream) stream_fence<true>();
       }
@@ -3343,19 +3394,6 @@ bool pairs_fit(const T* gx, int64_t C) {
          kFusedVectors * nv * static_cast<int64_t>(sizeof(V)) > kPairBytes;
 }
 
-// Whether the fused backward's two-pixel passes take two output rows at a time (backward_row_pairs<2>): where its
-// input stays cached, so that it is not prefetched (ahead == 0). One build, either setting, shuffled rounds, two
-// threads (Zen 5, twentieth session, ops_notes.md): cached, 0.83-0.97x the time of one row at a time (32x96x32x32,
-// 32x64x32x32, 8x1152x16x16, 16x128x28x28, 4x192x56x56, 2x576x32x32, 8x256x31x33); from memory, with the software
-// prefetch (now of two new rows of g and two of x), 1.02-1.07x at 1x576x112x112 and 32x576x32x32 (0.92-0.95x at
-// 32x1152x16x16), with no prefetch distance better. FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the tests
-// cover both).
-inline bool fused_row_pairs(int64_t ahead) {
-  const char* e = std::getenv("FEWSHIFTS_ROW_PAIRS");
-  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return ahead == 0;
-}
-
 // Returns false (nothing done) when the corners span more than 5 rows or columns.
 template <typename T, typename A>
 bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, int64_t H, int64_t W,
@@ -3370,7 +3408,7 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
     const std::vector<T> zero_row(W * C, T(0));
     const int64_t ahead = prefetch_ahead<T>(N * H * W * C * static_cast<int64_t>(sizeof(T)), C);
     OutsideScan<A> outside(q, H, W, C);
-    const int64_t step = R == 3 && pairs && !registers && fused_row_pairs(ahead) ? 2 : 1;
+    const int64_t step = R == 3 && pairs && !registers && two_rows_per_pass(ahead) ? 2 : 1;
     const auto partial = row_block_sums<A>(N, H, W, C, step, [&] {
       return [&, ring = std::vector<V>(std::max<int64_t>(2 * R, 8) * p.nv)](int64_t n, int64_t i, int64_t rows_here,
                                                                             V* sums) mutable {
