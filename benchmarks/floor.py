@@ -136,8 +136,9 @@ def main() -> None:
         "repeats (a new order each round), float32, ms"
     )
     lines.append(
-        "- Floors: copy = read one tensor, stream one out; add = read two, stream one out; dot = read two. "
-        "Notes: ops_notes.md, nineteenth session."
+        "- Floors: copy = read one tensor, stream one out; add = read two, stream one out; dot = read two "
+        "(loops over memory in order: one floor for both layouts). Notes: ops_notes.md, nineteenth and twentieth "
+        "sessions."
     )
     lines.append("")
     lines.append("| shape layout | kernel | ms | floor | floor ms | kernel / floor |")

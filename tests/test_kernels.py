@@ -418,7 +418,7 @@ def test_channels_last_separable_two_pixel_passes(kernels, stores, row_pairs, dt
     registers (up to 10 vectors, 8 without AVX-512: sep_row_pairs_registers) and beyond, and 1000 channels, which the
     kernel takes in two strips (kL1Bytes: a strip holds 768 floats, or 384 doubles, with 64- or 32-byte vectors
     alike) with the partial vector in the second; ordinary and non-temporal stores; one output row per pass or two
-    (two in registers up to 5 vectors; heights 1 to 5: an odd last row alone, rows outside the image)."""
+    (not in the register form; heights 1 to 5: an odd last row alone, rows outside the image)."""
     g = torch.Generator().manual_seed(offset + 7)
     shapes = [(8, 3, 1), (13, 4, 2), (24, 2, 3), (5, 3, 4), (40, 3, 7), (16, 2, 8), (9, 5, 9), (1000, 3, 5)]
     shapes += [(32, 3, 6), (96, 2, 5), (160, 3, 4), (176, 2, 3), (64, 1, 6), (80, 5, 7)]

@@ -328,14 +328,15 @@ int64_t prefetch_ahead(int64_t bytes, int64_t C) {
   return (kPrefetchBytes + pixel - 1) / pixel * C;
 }
 
-// Whether the channels_last two-pixel kernels at R = 3 (sep_row_pairs, its register form for up to 5 vectors, and
-// backward_row_pairs) take two output rows per pass, where their input stays cached and so is not prefetched (ahead
+// Whether the channels_last two-pixel kernels at R = 3 (sep_row_pairs and backward_row_pairs, not their register
+// forms) take two output rows per pass, where their input stays cached and so is not prefetched (ahead
 // == 0 from prefetch_ahead): the two rows share the loads of the two middle source rows and of each vector's weights
 // (or plan and sums). One build, either setting, shuffled rounds, two threads (Zen 5, twentieth session,
-// ops_notes.md): cached (2-16 MB), the fused backward 0.83-0.97x the time of one row at a time, the separable forward
-// and input gradient 0.81-0.95x; from memory, with the software prefetch (of two new rows), the fused backward
-// 1.02-1.07x at 1x576x112x112 and 32x576x32x32 (0.92-0.95x at 32x1152x16x16; no prefetch distance better), the
-// separable kernels 0.85-1.11x. FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the tests cover both).
+// ops_notes.md): cached (4-13 MB), the fused backward 0.81-1.03x the time of one row at a time (0.78-0.88x on one
+// thread), the separable forward and input gradient 0.81-0.94x; from memory, with the software prefetch (of two new
+// rows), the fused backward 1.01-1.22x at 1x576x112x112 and 32x576x32x32 (0.92-1.05x at 32x1152x16x16; no prefetch
+// distance better), the separable kernels 0.85-1.11x. FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the
+// tests cover both).
 inline bool two_rows_per_pass(int64_t ahead) {
   const char* e = std::getenv("FEWSHIFTS_ROW_PAIRS");
   if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
@@ -2857,7 +2858,8 @@ bool sep_row_pairs(const T* const* rows, const TapWeights<3, A>& p, int64_t C, i
         constexpr bool I1 = decltype(i1)::value, I2 = decltype(i2)::value, Tw = decltype(tw)::value;
         const int64_t pf = in1 || in2 ? ahead : 0;
         sep_pair_pass<Rows, Stream, I1, I2, Tw, true>(src, plan, C, Wo * C, b0, f1, L, pf, ring, o, chk);
-        if (f1 < b1) sep_pair_pass<Rows, Stream, I1, I2, Tw, false>(src, plan, C, Wo * C, f1, b1, tail, 0, ring, o, chk);
+        if (f1 < b1)
+          sep_pair_pass<Rows, Stream, I1, I2, Tw, false>(src, plan, C, Wo * C, f1, b1, tail, 0, ring, o, chk);
       };
       using Y = std::true_type;
       using N = std::false_type;
@@ -2894,14 +2896,16 @@ inline void for_pixel_pairs(int64_t k0, int64_t Ws, int64_t Wo, const Pass& pass
 }
 
 // sep_row_pairs for pixels of at most kSeparableRegisterVectors whole vectors: the ring's two vertical sums per vector
-// stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores them for every pair
-// of pixels; both take each vector's step from sep_pair_vector. Zen 5, shuffled rounds, one build with either path, the forward:
-// 0.50-0.81x sep_row_pairs' time at 16-160 float channels (1-10 vectors); before flatten, 0.81-0.96x at 176 and
-// 0.96-1.09x at 192 (11-12 vectors: the vertical sums, weights and temporaries outgrow the 32 registers), and built
-// without AVX-512 (16 registers) 0.76-0.91x at 4-8 vectors.
+// (per output row) stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores
+// them for every pair of pixels; both take each vector's step from sep_pair_vector. Zen 5, shuffled rounds, one build
+// with either path, the forward: 0.50-0.81x sep_row_pairs' time at 16-160 float channels (1-10 vectors); before
+// flatten, 0.81-0.96x at 176 and 0.96-1.09x at 192 (11-12 vectors: the vertical sums, weights and temporaries outgrow
+// the 32 registers), and built without AVX-512 (16 registers) 0.76-0.91x at 4-8 vectors. One output row per pass:
+// two (twice the sums in registers, up to 5 vectors) ran 0.85-1.07x the time of the one-row form at 16-80 float
+// channels, nothing consistent (twentieth session).
 constexpr int kSeparableRegisterVectors = kVectorRegisters == 32 ? 10 : 8;
 
-template <int Rows, int NV, bool Stream, typename T, typename A>
+template <int NV, bool Stream, typename T, typename A>
 __attribute__((flatten))  // with_vector_count: the lambdas inlined
 bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, int64_t C, int64_t Ws, int64_t Wo,
                              int64_t ahead, T* orow) {
@@ -2909,18 +2913,15 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
   constexpr int L = Vec<A>::L, K = TapWeights<3, A>::K;
   const int64_t k0 = p.win.k0;
   const V* plan = p.k.data();
-  const T* s[Rows + 2];
-  for (int t = 0; t < Rows + 2; ++t) s[t] = rows[t];
+  const T* s[3] = {rows[0], rows[1], rows[2]};
   FiniteCheck<A> fin;
-  V w[NV][2 * Rows];  // per row: vertical sums of columns j + k0 and j + k0 + 1
+  V w[NV][2];  // vertical sums of columns j + k0 and j + k0 + 1
 #pragma GCC unroll 12
   for (int v = 0; v < NV; ++v) {
     const V* k = plan + v * K;
-    for (int r = 0; r < Rows; ++r)
-      for (int c = 0; c < 2; ++c)
-        w[v][2 * r + c] = k0 + c >= 0 && k0 + c < Ws
-                              ? sep_vertical<true, T, A>(s[r], s[r + 1], s[r + 2], (k0 + c) * C + v * L, k, L)
-                              : V{};
+    for (int c = 0; c < 2; ++c)
+      w[v][c] = k0 + c >= 0 && k0 + c < Ws ? sep_vertical<true, T, A>(s[0], s[1], s[2], (k0 + c) * C + v * L, k, L)
+                                           : V{};
   }
   auto pass = [&](int64_t j, auto i1, auto i2, auto tw) {
     constexpr bool In1 = decltype(i1)::value, In2 = decltype(i2)::value, Two = decltype(tw)::value;
@@ -2930,8 +2931,8 @@ bool sep_row_pairs_registers(const T* const* rows, const TapWeights<3, A>& p, in
     for (int v = 0; v < NV; ++v) {
       const int64_t e = c1 * C + v * L;
       if (ahead != 0 && (In1 || In2) && v % kVectorsPerLine == 0)
-        for (int t = 2; t < Rows + 2; ++t) prefetch_to_l2(s[t] + e + ahead), prefetch_to_l2(s[t] + e + C + ahead);
-      sep_pair_vector<Rows, Stream, In1, In2, Two, true>(s, e, C, Wo * C, plan + v * K, L, C, o + v * L, w[v], fin);
+        prefetch_to_l2(s[2] + e + ahead), prefetch_to_l2(s[2] + e + C + ahead);
+      sep_pair_vector<1, Stream, In1, In2, Two, true>(s, e, C, 0, plan + v * K, L, C, o + v * L, w[v], fin);
     }
   };
   for_pixel_pairs(k0, Ws, Wo, pass);
@@ -2949,11 +2950,9 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
     constexpr int R = decltype(r)::value;
     const TapWeights<R, A> p(q, C, sign);
     const bool registers = S == 1 && R == 3 && C % Vec<A>::L == 0 && p.nv <= kSeparableRegisterVectors;
-    // two rows per pass where their registers fit (6-10 vectors keep one row in registers: at 96 float channels that
-    // ran 0.83-0.86x the time of two rows in sep_row_pairs)
-    const bool two_rows =
-        S == 1 && R == 3 && two_rows_per_pass(ahead) && (!registers || p.nv <= kSeparableRegisterVectors / 2);
-    const int64_t step = two_rows ? 2 : 1;
+    // two rows per pass in sep_row_pairs only: where the register form takes a pixel (at 96 float channels two rows
+    // in sep_row_pairs ran 1.16-1.20x its time), it keeps one row
+    const int64_t step = S == 1 && R == 3 && !registers && two_rows_per_pass(ahead) ? 2 : 1;
     const std::vector<T> zero_row(Ws * C, T(0));
     const RowBlocks rb(N, Ho);
     parallel(N * rb.count, int64_t{1} << 20, [&](int64_t begin, int64_t end) {
@@ -2972,16 +2971,14 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
               constexpr int Rows = decltype(two_rows)::value ? 2 : 1;
               const T* rows[R + Rows - 1];
               window_rows<R + Rows - 1>(img, i + win.r0, Hs, Ws * C, zero_row.data(), rows);
-              if (registers) {
-                return with_vector_count<kSeparableRegisterVectors>(p.nv, [&](auto nv) {
-                  constexpr int NV = decltype(nv)::value;
-                  if constexpr (Rows == 2 && NV > kSeparableRegisterVectors / 2) {
-                    return false;  // not taken (two_rows)
-                  } else {
-                    return stream ? sep_row_pairs_registers<Rows, NV, true>(rows, p, C, Ws, Wo, ahead, orow)
-                                  : sep_row_pairs_registers<Rows, NV, false>(rows, p, C, Ws, Wo, ahead, orow);
-                  }
-                });
+              if constexpr (Rows == 1) {
+                if (registers) {
+                  return with_vector_count<kSeparableRegisterVectors>(p.nv, [&](auto nv) {
+                    constexpr int NV = decltype(nv)::value;
+                    return stream ? sep_row_pairs_registers<NV, true>(rows, p, C, Ws, Wo, ahead, orow)
+                                  : sep_row_pairs_registers<NV, false>(rows, p, C, Ws, Wo, ahead, orow);
+                  });
+                }
               }
               return stream ? sep_row_pairs<Rows, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
                             : sep_row_pairs<Rows, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
@@ -3276,7 +3273,7 @@ constexpr int kFusedRegisterVectors = kVecBytes == 64 ? 3 : 0;
 // Rows output rows (i, or i and i + 1) of the fused backward at R = 3, two pixels per pass: grows[0 .. Rows + 1] are
 // g's rows i + r0 .. i + r0 + Rows + 1 (or zero rows), xrow and gxrow row i of x and gx (row i + 1 follows). Two rows
 // share the loads of g's two middle rows and of each vector's plan and sums: 25 loads per four output vectors where
-// one row makes 34 (fused_row_pairs says where).
+// one row makes 34 (two_rows_per_pass says where).
 template <int Rows, typename T, typename A>
 bool backward_row_pairs(const T* const* grows, const T* xrow, const CornerPicks<3, A>& p, int64_t C, int64_t W,
                         int64_t ahead, T* gxrow, typename Vec<A>::V* ring, typename Vec<A>::V* acc) {
