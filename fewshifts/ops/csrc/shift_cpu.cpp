@@ -306,7 +306,10 @@ inline void prefetch_ahead_of(const T* p) {
 // one thread: separable forward 0.82-0.91x the time, fused backward 0.83-0.90x, quantization-aware backward
 // 0.86-0.94x (two threads: 0.71-1.03x, noisier), the ring selection (per-channel integer shifts at 576 channels)
 // 0.72-0.89x. The other integer kernels and the NCHW ones did not change (0.96-1.05x on one thread), and they keep
-// prefetcht0. L2-only fills for T1 are new in Zen 4, so on Zen 2 and Zen 3 it should act as T0 (not measured).
+// prefetcht0. L2-only fills for T1 are new in Zen 4, so on Zen 2 and Zen 3 it should act as T0 (not measured). On a
+// Zen 5 (family 26 model 2, twentieth session) T0 / T1, two threads, from memory: separable forward 0.90-0.98x,
+// fused backward 0.95-1.01x, shift gradient 0.85-0.99x, ring selection 0.86-1.00x, quantization-aware backward
+// 0.96-1.15x: mixed, and T1 kept.
 template <typename T>
 inline void prefetch_to_l2(const T* p) {
   __builtin_prefetch(p, 0, 2);
