@@ -2899,8 +2899,8 @@ inline void for_pixel_pairs(int64_t k0, int64_t Ws, int64_t Wo, const Pass& pass
 }
 
 // sep_row_pairs for pixels of at most kSeparableRegisterVectors whole vectors: the ring's two vertical sums per vector
-// (per output row) stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores
-// them for every pair of pixels; both take each vector's step from sep_pair_vector. Zen 5, shuffled rounds, one build
+// stay in registers across the row (as pick_row_registers), where sep_pair_pass loads and stores them for every pair
+// of pixels; both take each vector's step from sep_pair_vector. Zen 5, shuffled rounds, one build
 // with either path, the forward: 0.50-0.81x sep_row_pairs' time at 16-160 float channels (1-10 vectors); before
 // flatten, 0.81-0.96x at 176 and 0.96-1.09x at 192 (11-12 vectors: the vertical sums, weights and temporaries outgrow
 // the 32 registers), and built without AVX-512 (16 registers) 0.76-0.91x at 4-8 vectors. One output row per pass:
@@ -3052,7 +3052,7 @@ __attribute__((flatten)) void grad_row(const T* const* rows, const T* grow, cons
 // by the shape: the same sums whatever the number of threads). Each thread makes its per-row work with make();
 // row(n, i, count, sums) adds the terms of rows i .. i + count - 1 (count: `step`, 1 or 2, or what is left of the
 // block) to sums (two vectors per vector of channels, in A), which are added to double sums after every `flush`
-// rows (a multiple of step, at least 64 pixels together where rows are short). Returns the items' sums,
+// rows (a multiple of step: up to 64 pixels together where rows are short). Returns the items' sums,
 // [item][channel][2].
 template <typename A, typename Make>
 std::vector<double> row_block_sums(int64_t N, int64_t rows, int64_t width, int64_t C, int64_t step,
