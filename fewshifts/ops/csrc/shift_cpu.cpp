@@ -2968,12 +2968,12 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
           const int64_t rows_here = std::min(step, i1 - i);
           T* orow = dst + (n * Ho + i) * Wo * C;
           V* rg = ring.data();
+          const T* rows[R + 1];  // the source rows of output row i (R), and of row i + 1 (rows_here == 2)
+          window_rows<R + 1>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
           bool finite;
           if constexpr (S == 1 && R == 3) {
             auto run = [&](auto two_rows) {
               constexpr int Rows = decltype(two_rows)::value ? 2 : 1;
-              const T* rows[R + Rows - 1];
-              window_rows<R + Rows - 1>(img, i + win.r0, Hs, Ws * C, zero_row.data(), rows);
               if constexpr (Rows == 1) {
                 if (registers) {
                   return with_vector_count<kSeparableRegisterVectors>(p.nv, [&](auto nv) {
@@ -2988,8 +2988,6 @@ bool bilinear_nhwc_sep(const T* src, T* dst, int64_t N, int64_t C, int64_t Hs, i
             };
             finite = rows_here == 2 ? run(std::true_type{}) : run(std::false_type{});
           } else {
-            const T* rows[R];
-            window_rows<R>(img, i * S + win.r0, Hs, Ws * C, zero_row.data(), rows);
             finite = stream ? sep_row<S, R, true>(rows, p, C, Ws, Wo, ahead, orow, rg)
                             : sep_row<S, R, false>(rows, p, C, Ws, Wo, ahead, orow, rg);
           }
@@ -3415,15 +3413,13 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
         const T* gimg = g + n * H * W * C;
         T* gxrow = gx + (n * H + i) * W * C;
         const T* xrow = x + (n * H + i) * W * C;
+        const T* rows[R + 1];  // g's rows for output row i (R), and for row i + 1 (rows_here == 2)
+        window_rows<R + 1>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
         bool finite;
         if constexpr (R == 3) {
           if (rows_here == 2) {
-            const T* rows[R + 1];
-            window_rows<R + 1>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
             finite = backward_row_pairs<2>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
           } else {
-            const T* rows[R];
-            window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
             if constexpr (kFusedRegisterVectors > 0) {
               if (registers) {
                 finite = with_vector_count<kFusedRegisterVectors>(p.nv, [&](auto nv) {
@@ -3437,8 +3433,6 @@ bool backward_nhwc_fused(const T* g, const T* x, T* gx, int64_t N, int64_t C, in
             }
           }
         } else {
-          const T* rows[R];
-          window_rows<R>(gimg, i + win.r0, H, W * C, zero_row.data(), rows);
           finite = backward_row<R>(rows, xrow, p, C, W, ahead, gxrow, ring.data(), sums);
         }
         for (int64_t r = 0; r < rows_here; ++r) {
