@@ -112,7 +112,7 @@ def cifar(name: str = "cifar10", data_dir: str | os.PathLike | None = None, trai
     tar_name = next(iter(default_remote.checksums))
     names, others = (train_names, test_names) if train else (test_names, train_names)
     needed = [*names, meta]
-    own = Path(data_dir).expanduser() if data_dir is not None else None  # the first root searched
+    own = user_roots(data_dir)[0] if data_dir is not None else None  # the first root searched
     own_tar = _find_tar(tar_name, [own]) if own is not None else None
     if own_tar is None:
         extracted = find_files(folder, needed, data_dir, others)
