@@ -228,18 +228,24 @@ void copy_long_put(T* dst, const T* src, int64_t n) {
   for (size_t k = 0; k < bytes; k += 32) put<32, Stream>(d + k, s + k);
 }
 
-// Size of the last-level cache that this CPU's cores share: Linux's sysfs (what lscpu shows), else 16 MiB. (glibc's
+// Size of cpu0's largest cache of `level` (Linux's sysfs, what lscpu shows); 0 where sysfs does not say. (glibc's
 // sysconf(_SC_LEVEL3_CACHE_SIZE) can report much more than a core sees: 256 MiB on this project's 16 MiB Zen 2.)
-inline int64_t last_level_cache_bytes() {
+inline int64_t cache_bytes(int level) {
   int64_t best = 0;
   for (int index = 0; index < 8; ++index) {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-    std::ifstream level(dir + "level"), size(dir + "size");
-    int lv = 0;
+    std::ifstream lv(dir + "level"), size(dir + "size");
+    int l = 0;
     int64_t kb = 0;
-    if (!(level >> lv) || !(size >> kb)) continue;  // "16384K"
-    if (lv >= 2) best = std::max(best, kb << 10);
+    if (!(lv >> l) || !(size >> kb)) continue;  // "16384K"
+    if (l == level) best = std::max(best, kb << 10);
   }
+  return best;
+}
+
+// Size of the last-level cache that this CPU's cores share, else 16 MiB.
+inline int64_t last_level_cache_bytes() {
+  const int64_t best = std::max(cache_bytes(3), cache_bytes(2));
   return best > 0 ? best : int64_t{16} << 20;
 }
 
@@ -250,12 +256,17 @@ inline int64_t last_level_cache_bytes() {
 // was neutral either way), while on the 16 MiB Zen 2 a 12.6 MB output ran faster with ordinary stores (below).
 constexpr int64_t kCacheBudgetCap = int64_t{16} << 20;
 
-// Whether `bytes` exceeds that budget, unless the environment variable `name` says 0 or 1 (never / always).
-inline bool above_cache_budget(int64_t bytes, const char* name) {
-  static const int64_t budget = std::min(last_level_cache_bytes(), kCacheBudgetCap);
+// Whether `bytes` exceeds `limit`, unless the environment variable `name` says 0 or 1 (never / always).
+inline bool above(int64_t bytes, int64_t limit, const char* name) {
   const char* e = std::getenv(name);
   if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return bytes > budget;
+  return bytes > limit;
+}
+
+// Whether `bytes` exceeds that budget (above).
+inline bool above_cache_budget(int64_t bytes, const char* name) {
+  static const int64_t budget = std::min(last_level_cache_bytes(), kCacheBudgetCap);
+  return above(bytes, budget, name);
 }
 
 // Whether a kernel writing `bytes` of output should stream its stores: when the output alone exceeds the cache
@@ -317,29 +328,47 @@ inline void prefetch_to_l2(const T* p) {
 
 
 // Whether a kernel prefetches an input of `bytes`: where it exceeds the cache budget and so comes from memory
-// (for an input that stays cached, 32x96x32x32, prefetching gained or lost a few percent by kernel: on / off 1.03
-// for the channels_last separable forward, 1.01-1.05 for the NCHW integer shift, 0.94-0.99 for the NCHW bilinear).
-// FEWSHIFTS_PREFETCH=0 / =1 overrides (never / always).
+// (for an input that stays cached, 32x96x32x32, prefetching gained or lost a few percent by kernel: on / off
+// 1.01-1.05 for the NCHW integer shift, 0.94-0.99 for the NCHW bilinear). The channels_last row kernels prefetch
+// from a lower size on (rows_prefetched). FEWSHIFTS_PREFETCH=0 / =1 overrides (never / always).
 inline bool prefetch_input(int64_t bytes) { return above_cache_budget(bytes, "FEWSHIFTS_PREFETCH"); }
 
+// Whether the channels_last row kernels (below: the selection, PickRows, and the separable and fused bilinear
+// kernels) prefetch a source of `bytes`: where it exceeds the private caches of the threads that run them (L2 per
+// core x threads), not only the cache budget (prefetch_input). Rows of such a source come from L3 or memory, and the
+// three or four rows that a kernel reads at once are streams among cached ones; the selection's first pass over a
+// row, moreover, reads only the lines that its lanes take (a third to a half of each pixel at ShiftNet's groups).
+// Zen 5 (twenty-first session, ops_notes.md), one build, this rule against prefetching above the cache budget only,
+// shuffled rounds of the three ops' forward and forward + backward, one and two threads: 32x96x32x32 and
+// 32x192x16x16 0.68-1.00x the time (active forward + backward 0.70-0.98x), 8x96x32x32 and 8x32x56x56 0.56-1.40x
+// (most 0.8-1.0x), 2x576x28x28 0.68-1.22x; calls of one op repeated on the same tensors: 0.79-0.82x at 32x96x32x32,
+// 0.92-1.21x at 6.3 MB, 1.06-1.10x at 8x96x32x32; ShiftResNet-20, ASNet-20 and FE-Net 1.0 training steps and
+// inference (channels_last, batch 8-128): 0.99-1.02x, no change. Always prefetching cost 1-7% on inputs that stay in
+// L2 (0.8-1.5 MB), hence the bound. FEWSHIFTS_PREFETCH=0 / =1 overrides (never / always).
+inline bool rows_prefetched(int64_t bytes) {
+  static const int64_t l2 = cache_bytes(2);
+  return prefetch_input(bytes) || (l2 > 0 && above(bytes, l2 * at::get_num_threads(), "FEWSHIFTS_PREFETCH"));
+}
+
 // How far ahead (elements: whole pixels of C elements, at least kPrefetchBytes) the channels_last row kernels
-// prefetch their newest source row, for a source of `bytes`; 0: no prefetch (prefetch_input).
+// prefetch their newest source row, for a source of `bytes`; 0: no prefetch (rows_prefetched).
 template <typename T>
 int64_t prefetch_ahead(int64_t bytes, int64_t C) {
-  if (C <= 0 || !prefetch_input(bytes)) return 0;
+  if (C <= 0 || !rows_prefetched(bytes)) return 0;
   const int64_t pixel = C * static_cast<int64_t>(sizeof(T));
   return (kPrefetchBytes + pixel - 1) / pixel * C;
 }
 
 // Whether the channels_last two-pixel kernels at R = 3 (sep_row_pairs and backward_row_pairs, not their register
-// forms) take two output rows per pass, where their input stays cached and so is not prefetched (ahead
-// == 0 from prefetch_ahead): the two rows share the loads of the two middle source rows and of each vector's weights
-// (or plan and sums). One build, either setting, shuffled rounds, two threads (Zen 5, twentieth session,
+// forms) take two output rows per pass, where their input is not prefetched (ahead == 0 from prefetch_ahead: within
+// the threads' L2, rows_prefetched): the two rows share the loads of the two middle source rows and of each vector's
+// weights (or plan and sums). One build, either setting, shuffled rounds, two threads (Zen 5, twentieth session,
 // ops_notes.md): cached (4-13 MB), the fused backward 0.81-1.03x the time of one row at a time (0.78-0.88x on one
 // thread), the separable forward and input gradient 0.81-0.94x; from memory, with the software prefetch (of two new
 // rows), the fused backward 1.01-1.22x at 1x576x112x112 and 32x576x32x32 (0.92-1.05x at 32x1152x16x16; no prefetch
-// distance better), the separable kernels 0.85-1.11x. FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the
-// tests cover both).
+// distance better), the separable kernels 0.85-1.11x. Since the twenty-first session inputs of 4-13 MB take one row
+// with the prefetch: active_shift2d forward + backward 0.78-0.88x the time of two rows without it at 32x96x32x32
+// (shuffled rounds with other calls). FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the tests cover both).
 inline bool two_rows_per_pass(int64_t ahead) {
   const char* e = std::getenv("FEWSHIFTS_ROW_PAIRS");
   if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
