@@ -132,6 +132,20 @@ def test_partial_data_dir_warns_naming_the_missing_files(isolated, monkeypatch):
     assert len(data) == 20  # the complete copy further down the search order
 
 
+def test_partial_fewshifts_data_warns_naming_the_missing_files(isolated, monkeypatch):
+    write_fmnist(isolated / "home" / ".cache" / "fewshifts" / "fashion-mnist", n_train=12)
+    env = isolated / "env" / "fashion-mnist"
+    env.mkdir(parents=True)
+    write_idx(env / FMNIST_NAMES[1], np.zeros(3, dtype=np.uint8))
+    monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
+    with pytest.warns(UserWarning, match=f"{re.escape(str(env))}.*train-images-idx3-ubyte.gz missing"):
+        assert len(fashion_mnist()) == 12  # the complete copy in ~/.cache/fewshifts
+    write_idx(env / FMNIST_NAMES[0], np.zeros((3, 28, 28), dtype=np.uint8))
+    with warnings.catch_warnings():  # complete now: no warning
+        warnings.simplefilter("error")
+        assert len(fashion_mnist()) == 3
+
+
 def test_data_dir_holding_only_the_other_split_warns(isolated, monkeypatch):
     given = isolated / "given" / "fashion-mnist"
     write_fmnist(given, n_train=16)

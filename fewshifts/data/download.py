@@ -2,9 +2,9 @@
 
 Search order for a dataset folder (design: issue 4): ``--data-dir``, ``$FEWSHIFTS_DATA``,
 ``~/.cache/fewshifts``, then system locations such as Debian's ``/usr/share/datasets``. Each root is
-tried as ``root/<folder>/<file>`` and ``root/<file>``; a ``--data-dir`` holding some of the dataset's files
-(of any split; ImageNet: one of ``train/`` and ``val/``) but not all those of the split being loaded gives a
-warning naming the missing ones. Downloads go to the first of the user roots.
+tried as ``root/<folder>/<file>`` and ``root/<file>``; a ``--data-dir`` or ``$FEWSHIFTS_DATA`` holding some of
+the dataset's files (of any split; ImageNet: one of ``train/`` and ``val/``) but not all those of the split being
+loaded gives a warning naming the missing ones. Downloads go to the first of the user roots.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ class Remote:
 
 def user_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The writable roots in search order: ``data_dir``, ``$FEWSHIFTS_DATA``, ``~/.cache/fewshifts``."""
-    roots = [data_dir, os.environ.get("FEWSHIFTS_DATA") or None, Path.home() / ".cache" / "fewshifts"]
+    return [*named_roots(data_dir), Path.home() / ".cache" / "fewshifts"]
+
+
+def named_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The roots that the user named: ``data_dir`` and ``$FEWSHIFTS_DATA``, where given."""
+    roots = [data_dir, os.environ.get("FEWSHIFTS_DATA") or None]
     return [Path(r).expanduser() for r in roots if r is not None]
 
 
@@ -47,22 +52,25 @@ def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None
     """The first directory (``root/folder`` or ``root``) holding all of ``names`` (files, or folders when
     ``dirs``), or None.
 
-    A ``data_dir`` directory missing some of ``names`` but holding any of the dataset's files (``names`` or
-    ``others``, e.g. its other split) is warned about, naming the missing files, when neither of ``data_dir``'s
-    two directories holds all of ``names`` and the other roots are searched.
+    A directory of a root that the user named (``data_dir``, ``$FEWSHIFTS_DATA``: :func:`named_roots`) missing
+    some of ``names`` but holding any of the dataset's files (``names`` or ``others``, e.g. its other split) is
+    warned about, naming the missing files, when neither of that root's two directories holds all of ``names``
+    and the search goes on to the next root.
     """
     present, kind = (Path.is_dir, "folders") if dirs else (Path.is_file, "files")
     candidates = [d for root in search_roots(data_dir) for d in (root / folder, root)]
-    partial = []  # data_dir's directories that hold some of the dataset: warned about once both are searched
+    named = 2 * len(named_roots(data_dir))  # the first candidates: two directories per named root
+    partial = []  # the current named root's directories that hold some of the dataset
     for i, d in enumerate(candidates):
         missing = [n for n in names if not present(d / n)]
         if not missing:
             return d
-        if data_dir is not None and i < 2 and any(present(d / n) for n in [*names, *others]):
+        if i < named and any(present(d / n) for n in [*names, *others]):
             partial.append(f"{d} holds only some of the {folder} {kind} ({', '.join(missing)} missing)")
-        if i == 1:
+        if i < named and i % 2 == 1:  # both directories of a named root searched
             for text in partial:
                 warnings.warn(f"{text}; searching the other data roots", stacklevel=2)
+            partial = []
     return None
 
 
