@@ -138,8 +138,9 @@ def test_partial_fewshifts_data_warns_naming_the_missing_files(isolated, monkeyp
     env.mkdir(parents=True)
     write_idx(env / FMNIST_NAMES[1], np.zeros(3, dtype=np.uint8))
     monkeypatch.setenv("FEWSHIFTS_DATA", str(isolated / "env"))
-    with pytest.warns(UserWarning, match=f"{re.escape(str(env))}.*train-images-idx3-ubyte.gz missing"):
+    with pytest.warns(UserWarning, match=f"{re.escape(str(env))}.*train-images-idx3-ubyte.gz missing") as record:
         assert len(fashion_mnist()) == 12  # the complete copy in ~/.cache/fewshifts
+    assert record[0].filename == __file__
     write_idx(env / FMNIST_NAMES[0], np.zeros((3, 28, 28), dtype=np.uint8))
     with warnings.catch_warnings():  # complete now: no warning
         warnings.simplefilter("error")
@@ -450,9 +451,10 @@ def test_imagenet_data_dir_with_one_split_warns(isolated, monkeypatch, present, 
     given = isolated / "given" / sub
     _write_image_folder(given / present, size=(30, 40))
     message = f"{re.escape(str(given))} holds only some of the imagenet .*\\({missing} missing\\); searching the other"
-    with pytest.warns(UserWarning, match=message):
+    with pytest.warns(UserWarning, match=message) as record:
         loader = build_loader("imagenet", False, 2, data_dir=isolated / "given", workers=0)
     assert loader.dataset.root == isolated / "env" / "imagenet" / "val"  # the complete root further down
+    assert record[0].filename == __file__  # the warning names the user's call, not a line inside fewshifts
     monkeypatch.delenv("FEWSHIFTS_DATA")
     with pytest.warns(UserWarning, match=message), pytest.raises(FileNotFoundError, match="ImageNet"):
         build_loader("imagenet", False, 2, data_dir=isolated / "given", workers=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import urllib.request
 import warnings
 from collections.abc import Sequence
@@ -69,9 +70,19 @@ def find_files(folder: str, names: list[str], data_dir: str | os.PathLike | None
             partial.append(f"{d} holds only some of the {folder} {kind} ({', '.join(missing)} missing)")
         if i < named and i % 2 == 1:  # both directories of a named root searched
             for text in partial:
-                warnings.warn(f"{text}; searching the other data roots", stacklevel=2)
+                warnings.warn(f"{text}; searching the other data roots", stacklevel=_outside_package())
             partial = []
     return None
+
+
+def _outside_package() -> int:
+    """The ``stacklevel`` for a warning raised by this module's caller that names the first frame outside the
+    fewshifts package: the user's call, however deep the loaders call :func:`find_files`."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(2), 2  # the warning's own frame is level 1 for warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _digest(path: Path, algorithm: str) -> str:
