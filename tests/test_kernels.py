@@ -49,7 +49,8 @@ def stores(request, monkeypatch):
 @pytest.fixture(params=["one_row", "two_rows"])
 def row_pairs(request, monkeypatch):
     """The channels_last two-pixel kernels (separable forward and input gradient, fused backward) over one output row
-    or two at a time (FEWSHIFTS_ROW_PAIRS: 0 or 1; by default two where the input stays cached)."""
+    or two at a time (FEWSHIFTS_ROW_PAIRS: 0 or 1; by default two where the input is not prefetched: within the
+    threads' L2 caches)."""
     monkeypatch.setenv("FEWSHIFTS_ROW_PAIRS", "0" if request.param == "one_row" else "1")
     return request.param
 

@@ -256,18 +256,19 @@ inline int64_t last_level_cache_bytes() {
 // was neutral either way), while on the 16 MiB Zen 2 a 12.6 MB output ran faster with ordinary stores (below).
 constexpr int64_t kCacheBudgetCap = int64_t{16} << 20;
 
-// Whether `bytes` exceeds `limit`, unless the environment variable `name` says 0 or 1 (never / always).
-inline bool above(int64_t bytes, int64_t limit, const char* name) {
-  const char* e = std::getenv(name);
-  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return bytes > limit;
+inline int64_t cache_budget() {
+  static const int64_t budget = std::min(last_level_cache_bytes(), kCacheBudgetCap);
+  return budget;
 }
 
-// Whether `bytes` exceeds that budget (above).
-inline bool above_cache_budget(int64_t bytes, const char* name) {
-  static const int64_t budget = std::min(last_level_cache_bytes(), kCacheBudgetCap);
-  return above(bytes, budget, name);
+// The environment variable `name` where it says 0 or 1 (never / always: the kernels' switches), else `otherwise`.
+inline bool env_switch(const char* name, bool otherwise) {
+  const char* e = std::getenv(name);
+  return e != nullptr && (e[0] == '0' || e[0] == '1') ? e[0] == '1' : otherwise;
 }
+
+// Whether `bytes` exceeds that budget, unless the environment variable `name` says 0 or 1 (env_switch).
+inline bool above_cache_budget(int64_t bytes, const char* name) { return env_switch(name, bytes > cache_budget()); }
 
 // Whether a kernel writing `bytes` of output should stream its stores: when the output alone exceeds the cache
 // budget (above_cache_budget), so it would not stay cached for its consumer anyway. (With input and output together
@@ -347,7 +348,8 @@ inline bool prefetch_input(int64_t bytes) { return above_cache_budget(bytes, "FE
 // L2 (0.8-1.5 MB), hence the bound. FEWSHIFTS_PREFETCH=0 / =1 overrides (never / always).
 inline bool rows_prefetched(int64_t bytes) {
   static const int64_t l2 = cache_bytes(2);
-  return prefetch_input(bytes) || (l2 > 0 && above(bytes, l2 * at::get_num_threads(), "FEWSHIFTS_PREFETCH"));
+  const int64_t bound = l2 > 0 ? std::min(cache_budget(), l2 * at::get_num_threads()) : cache_budget();
+  return env_switch("FEWSHIFTS_PREFETCH", bytes > bound);
 }
 
 // How far ahead (elements: whole pixels of C elements, at least kPrefetchBytes) the channels_last row kernels
@@ -369,11 +371,7 @@ int64_t prefetch_ahead(int64_t bytes, int64_t C) {
 // distance better), the separable kernels 0.85-1.11x. Since the twenty-first session inputs of 4-13 MB take one row
 // with the prefetch: active_shift2d forward + backward 0.78-0.88x the time of two rows without it at 32x96x32x32
 // (shuffled rounds with other calls). FEWSHIFTS_ROW_PAIRS=0 / =1 overrides (never / always; the tests cover both).
-inline bool two_rows_per_pass(int64_t ahead) {
-  const char* e = std::getenv("FEWSHIFTS_ROW_PAIRS");
-  if (e != nullptr && (e[0] == '0' || e[0] == '1')) return e[0] == '1';
-  return ahead == 0;
-}
+inline bool two_rows_per_pass(int64_t ahead) { return env_switch("FEWSHIFTS_ROW_PAIRS", ahead == 0); }
 
 template <typename T>
 void copy_n(T* dst, const T* src, int64_t n) {
@@ -2780,13 +2778,20 @@ bool sep_row(const T* const* rows, const TapWeights<R, A>& p, int64_t C, int64_t
 // vector, left every other pixel to the hardware: 0.89-1.0x with both, on outputs of 25-75 MB; twelfth session).
 // The separable forward's vertical sum of one vector of channels at offset at of the rows s0-s2 (TapWeights k: its
 // row weights), term by term as sep_row
+template <typename A>
+inline typename Vec<A>::V sep_vertical_of(const typename Vec<A>::V* k, const typename Vec<A>::V* y) {  // loaded rows
+  typename Vec<A>::V a = k[0] * y[0];
+  a += k[1] * y[1];
+  a += k[2] * y[2];
+  return a;
+}
+
 template <bool Full, typename T, typename A>
 inline typename Vec<A>::V sep_vertical(const T* s0, const T* s1, const T* s2, int64_t at, const typename Vec<A>::V* k,
                                        int64_t len) {
-  typename Vec<A>::V a = k[0] * vload<Full, A>(s0 + at, len);
-  a += k[1] * vload<Full, A>(s1 + at, len);
-  a += k[2] * vload<Full, A>(s2 + at, len);
-  return a;
+  const typename Vec<A>::V y[3] = {vload<Full, A>(s0 + at, len), vload<Full, A>(s1 + at, len),
+                                   vload<Full, A>(s2 + at, len)};
+  return sep_vertical_of<A>(k, y);
 }
 
 // One vector of channels of the separable forward's pass over two pixels of Rows output rows (sep_pair_pass,
@@ -2810,20 +2815,14 @@ inline void sep_pair_vector(const T* const* s, int64_t at, int64_t second, int64
       vstore<Full, A>(d, a, len);
     }
   };
-  auto vertical = [&](const V* y) {  // as sep_vertical
-    V a = k[0] * y[0];
-    a += k[1] * y[1];
-    a += k[2] * y[2];
-    return a;
-  };
   V y1[Rows + 2], y2[Rows + 2];
   for (int t = 0; t < Rows + 2; ++t) {
     if (In1) y1[t] = vload<Full, A>(s[t] + at, len);
     if (In2) y2[t] = vload<Full, A>(s[t] + at + second, len);
   }
   for (int r = 0; r < Rows; ++r) {
-    const V n1 = In1 ? vertical(y1 + r) : V{};
-    const V n2 = In2 ? vertical(y2 + r) : V{};
+    const V n1 = In1 ? sep_vertical_of<A>(k, y1 + r) : V{};
+    const V n2 = In2 ? sep_vertical_of<A>(k, y2 + r) : V{};
     put(o + r * stride, w[2 * r], w[2 * r + 1], n1);
     if (Two) put(o + r * stride + C, w[2 * r + 1], n1, n2);
     w[2 * r] = n1, w[2 * r + 1] = n2;
